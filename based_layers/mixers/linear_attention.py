@@ -1,0 +1,80 @@
+"""Taylor-feature-map linear attention (published Based `LinearAttention`).
+
+q, k: d -> heads x feature_dim (no bias); v: d -> heads x head_dim; out_proj back to d.
+y_t = sum_{s<=t} (phi(q_t).phi(k_s)) v_s / (sum_{s<=t} phi(q_t).phi(k_s) + eps), with
+phi(x) = [1, x / F^(1/4), vec(x x^T) / (sqrt(2) sqrt(F))]: phi(q).phi(k) = 1 + q.k/sqrt(F) + (q.k)^2/(2F).
+State and normalizer accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from based_layers.config import LinearAttnConfig
+from kernels.taylor_linear_attn.reference import taylor_feature_map
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State and normalizer accumulate in fp32 (fp64 for fp64 inputs, for tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LinearAttention(nn.Module):
+    def __init__(self, d_model: int, cfg: LinearAttnConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.feature_dim = cfg.feature_dim
+        self.head_dim = cfg.head_dim or d_model // cfg.num_heads
+        self.eps = cfg.eps
+        self.backend = cfg.backend
+        self.proj_q = nn.Linear(d_model, cfg.num_heads * cfg.feature_dim, bias=False)
+        self.proj_k = nn.Linear(d_model, cfg.num_heads * cfg.feature_dim, bias=False)
+        self.proj_v = nn.Linear(d_model, cfg.num_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(cfg.num_heads * self.head_dim, d_model, bias=False)
+
+    def _qkv(self, x: torch.Tensor):
+        lead = x.shape[:-1]
+        q = self.proj_q(x).view(*lead, -1, self.feature_dim)
+        k = self.proj_k(x).view(*lead, -1, self.feature_dim)
+        v = self.proj_v(x).view(*lead, -1, self.head_dim)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, initial_state: dict | None = None,
+                return_state: bool = False):
+        """x [B, T, D] -> [B, T, D] (and {"kv": [B,H,273,Dv], "k_sum": [B,H,273]} when `return_state`)."""
+        from kernels.taylor_linear_attn import taylor_linear_attention
+
+        q, k, v = self._qkv(x)
+        init = None if initial_state is None else (initial_state["kv"], initial_state["k_sum"])
+        out = taylor_linear_attention(q, k, v, eps=self.eps, doc_ids=doc_ids, initial_state=init,
+                                      output_final_state=return_state, backend=self.backend)
+        o, final = out if return_state else (out, None)
+        y = self.out_proj(o.reshape(*x.shape[:-1], -1))
+        if not return_state:
+            return y
+        return y, {"kv": final[0], "k_sum": final[1]}
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
+        heads = self.proj_q.out_features // self.feature_dim
+        n_feat = 1 + self.feature_dim + self.feature_dim**2
+        acc = _accum_dtype(dtype)
+        return {
+            "kv": torch.zeros(batch_size, heads, n_feat, self.head_dim, device=device, dtype=acc),
+            "k_sum": torch.zeros(batch_size, heads, n_feat, device=device, dtype=acc),
+        }
+
+    def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
+        """One token x [B, D]: add phi(k) v^T to the state first, then read out with phi(q)."""
+        q, k, v = self._qkv(x)
+        kv, k_sum = state["kv"], state["k_sum"]
+        if reset is not None:
+            keep = (~reset).to(kv.dtype)
+            kv, k_sum = kv * keep.view(-1, 1, 1, 1), k_sum * keep.view(-1, 1, 1)
+        acc = _accum_dtype(v.dtype)
+        phi_q, phi_k = taylor_feature_map(q.to(acc)), taylor_feature_map(k.to(acc))
+        kv = kv + phi_k.unsqueeze(-1) * v.to(acc).unsqueeze(-2)
+        k_sum = k_sum + phi_k
+        num = torch.einsum("bhf,bhfd->bhd", phi_q, kv)
+        den = torch.einsum("bhf,bhf->bh", phi_q, k_sum).unsqueeze(-1) + self.eps
+        y = self.out_proj((num / den).to(v.dtype).reshape(x.shape[0], -1))
+        return y, {"kv": kv, "k_sum": k_sum}

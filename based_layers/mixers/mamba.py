@@ -1,0 +1,127 @@
+"""Mamba (S6) mixer with the parameter names of mamba-ssm's `Mamba`.
+
+in_proj: d -> 2*d_inner (x, z); x -> causal depthwise conv (d_conv, with bias) -> SiLU;
+x_proj -> (dt_low [dt_rank], B [N], C [N]); delta = softplus(dt_proj(dt_low)); A = -exp(A_log);
+h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t; y_t = C_t h_t + D x_t; out = out_proj(y * silu(z)).
+`backend: reference` is a plain PyTorch scan; `backend: mamba_ssm` calls mamba-ssm's fused CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from based_layers.config import MambaConfig
+from based_layers.packing import causal_depthwise_conv, conv_history, doc_starts
+
+
+class Mamba(nn.Module):
+    def __init__(self, d_model: int, cfg: MambaConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.d_inner = cfg.expand * d_model
+        self.d_state = cfg.d_state
+        self.d_conv = cfg.d_conv
+        self.dt_rank = cfg.dt_rank or math.ceil(d_model / 16)
+        self.backend = cfg.backend
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, cfg.d_conv, groups=self.d_inner,
+                                padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * cfg.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(self.d_inner, cfg.d_state))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.bias)
+        self._init_ssm(cfg)
+
+    @torch.no_grad()
+    def _init_ssm(self, cfg: MambaConfig) -> None:
+        """mamba-ssm's init: dt_proj uniform(+-dt_rank^-1/2), bias = softplus^-1(log-uniform dt), A = 1..N."""
+        std = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        self.reset_ssm_parameters(cfg)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, cfg: MambaConfig) -> None:
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D.fill_(1.0)
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x [..., d_inner] (post-conv) -> delta [..., d_inner], B [..., N], C [..., N] in fp32."""
+        dt_low, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt_low).float())
+        return delta, b.float(), c.float()
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, initial_state: dict | None = None,
+                return_state: bool = False):
+        """x [B, T, D] -> [B, T, D] (and {"conv": [B, d_inner, d_conv], "ssm": [B, d_inner, N]})."""
+        if self.backend == "mamba_ssm" and doc_ids is None and initial_state is None and not return_state:
+            return self._forward_mamba_ssm(x)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        conv_init = None if initial_state is None else initial_state["conv"][..., 1:]
+        xc = F.silu(causal_depthwise_conv(xs, self.conv1d.weight[:, 0], self.conv1d.bias, doc_ids, conv_init))
+        delta, b, c = self._ssm_inputs(xc)
+        h0 = None if initial_state is None else initial_state["ssm"]
+        y, h = self._scan(xc.float(), delta, b, c, doc_ids, h0)
+        y = (y + xc.float() * self.D.float()).to(x.dtype) * F.silu(z)
+        out = self.out_proj(y)
+        if not return_state:
+            return out
+        return out, {"conv": conv_history(xs, self.d_conv, doc_ids, conv_init), "ssm": h}
+
+    def _scan(self, u, delta, b, c, doc_ids, h0):
+        """Sequential selective scan in fp32. u, delta [B, T, Di]; b, c [B, T, N]; returns y [B, T, Di], h_T."""
+        batch, seqlen, d_inner = u.shape
+        a = -torch.exp(self.A_log.float())  # [Di, N]
+        h = u.new_zeros(batch, d_inner, self.d_state) if h0 is None else h0.float()
+        keep = None if doc_ids is None else (~doc_starts(doc_ids)).float()
+        if keep is not None and h0 is not None:
+            keep[:, 0] = 1.0
+        ys = []
+        for t in range(seqlen):
+            decay = torch.exp(delta[:, t].unsqueeze(-1) * a)
+            if keep is not None:
+                decay = decay * keep[:, t].view(-1, 1, 1)
+            h = decay * h + (delta[:, t] * u[:, t]).unsqueeze(-1) * b[:, t].unsqueeze(1)
+            ys.append(torch.einsum("bdn,bn->bd", h, c[:, t]))
+        return torch.stack(ys, dim=1), h
+
+    def _forward_mamba_ssm(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+        except ImportError as err:
+            raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm package (pip install mamba-ssm "
+                               "causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
+        xz = self.in_proj(x).transpose(1, 2)
+        out = mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                             self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()), None, None,
+                             self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return out
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
+        return {"conv": torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
+                "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)}
+
+    def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
+        """One token x [B, D] -> y [B, D]."""
+        conv, h = state["conv"], state["ssm"]
+        if reset is not None:
+            keep = (~reset).to(h.dtype)
+            conv, h = conv * keep.view(-1, 1, 1).to(conv.dtype), h * keep.view(-1, 1, 1)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        conv = torch.cat([conv[..., 1:], xs.unsqueeze(-1).to(conv.dtype)], dim=-1)
+        xc = (conv * self.conv1d.weight[:, 0].to(conv.dtype)).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.to(xc.dtype)
+        xc = F.silu(xc).to(xs.dtype)
+        delta, b, c = self._ssm_inputs(xc)
+        a = -torch.exp(self.A_log.float())
+        h = torch.exp(delta.unsqueeze(-1) * a) * h + (delta * xc.float()).unsqueeze(-1) * b.unsqueeze(1)
+        y = torch.einsum("bdn,bn->bd", h, c) + xc.float() * self.D.float()
+        y = y.to(x.dtype) * F.silu(z)
+        return self.out_proj(y), {"conv": conv, "ssm": h}

@@ -1,0 +1,608 @@
+"""`python -m data_pipeline.prepare`: documents -> tokenized, packed WebDataset shards and manifest.json.
+
+    python -m data_pipeline.prepare --input 'pile/train/*.jsonl.zst' --tokenizer tiktoken:gpt2 \\
+        --seq-len 2048 --out data/pile-gpt2-2048 --val-input pile/val.jsonl.zst --workers 16
+
+Flow: the main process reads records (lines, rows, files) in input order and sends chunks of them to
+`--workers` tokenizer processes; results come back in input order, so the shards are byte-identical for
+any number of workers. Documents get an EOS and are packed (data_pipeline.packing) into samples of
+seq_len + 1 tokens; every `--shard-samples` samples become a shard `{split}-{index:06d}.tar`
+(data_pipeline.shard_format), written to a temporary name and renamed.
+
+Validation split: `--val-input FILES` (separate files), `--val-docs K` (the first K records of the input),
+or `--val-fraction F` (each record with probability F, decided by a hash of (--seed, record index)).
+The validation split is written first, then train; each is one packing stream.
+
+Resume: after each shard the state (records consumed, counters, the samples not yet in a shard) is saved
+in `OUT/.prepare/`. Re-running the same command continues after the last finished shard, skipping
+exactly the records already consumed, and produces the same shards as an uninterrupted run.
+manifest.json is written last; then `.prepare/` is removed.
+
+Bad records (invalid UTF-8, invalid JSON, no string "text"): `--on-bad-record error` (default) stops
+with the file and line; `skip` counts them, reports them at the end and in the manifest. Blank lines
+and empty texts are counted, never packed. Documents are never split or dropped otherwise, except the
+last partial sample of each split, whose token count is reported (`dropped_tail_tokens`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import fcntl
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_pipeline.errors import BadRecordError, DataError, EmptyInputError, PrepareStateError
+from data_pipeline.manifest import FORMAT, MANIFEST, write_json_atomic
+from data_pipeline.packing import Packer
+from data_pipeline.shard_format import RecordLayout, write_shard
+from data_pipeline.sources import BLANK, JSONL, InputFile, expand_inputs, iter_records, parse_record
+from data_pipeline.tokenizer import Tokenizer, load_tokenizer, token_dtype
+
+STATE_DIR = ".prepare"
+BLANK_CODE, BAD_CODE, EMPTY_CODE = -1, -2, -3
+MAX_EXAMPLES = 20
+
+
+@dataclass
+class PrepareConfig:
+    """Options of one prepare run (the command-line flags)."""
+
+    inputs: list[str]
+    tokenizer: str
+    seq_len: int
+    out: str
+    workers: int = 1
+    shard_samples: int = 16384
+    val_docs: int | None = None
+    val_fraction: float | None = None
+    val_inputs: list[str] = field(default_factory=list)
+    seed: int = 0
+    on_bad_record: str = "error"
+    progress: bool = True
+    chunk_records: int = 256
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass
+class SplitPlan:
+    """Which records go into one split: `select(global_record_index)`, reading stops at `stop`."""
+
+    name: str
+    inputs: list[InputFile]
+    select: Callable[[int], bool]
+    stop: int | None = None
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Run (or resume) a prepare; return the manifest. Raises DataError subclasses on bad input."""
+    _check_config(config)
+    tokenizer = load_tokenizer(config.tokenizer)
+    inputs = expand_inputs(config.inputs)
+    val_inputs = expand_inputs(config.val_inputs) if config.val_inputs else []
+    settings = _settings(config, tokenizer, inputs, val_inputs)
+    os.makedirs(config.out, exist_ok=True)
+    with _locked(config.out):
+        done = _finished_manifest(config.out, settings)
+        if done is not None:
+            _log(f"{config.out} is already prepared with these settings; nothing to do")
+            return done
+        store = _StateStore(config.out, settings["settings_hash"])
+        layout = RecordLayout.build(config.seq_len, settings["token_dtype"])
+        with _TokenizerPool(tokenizer, config.workers) as pool:
+            for plan in _plans(config, inputs, val_inputs):
+                _SplitRun(plan, config, layout, tokenizer.eos_id, store, pool).run()
+        manifest = _manifest(settings, layout, store.state["splits"], config)
+        write_json_atomic(os.path.join(config.out, MANIFEST), manifest)
+        shutil.rmtree(store.folder)
+    _report(manifest)
+    return manifest
+
+
+def _check_config(config: PrepareConfig) -> None:
+    if config.seq_len < 1 or config.shard_samples < 1 or config.workers < 1:
+        raise DataError("--seq-len, --shard-samples and --workers must be positive")
+    chosen = [config.val_docs is not None, config.val_fraction is not None, bool(config.val_inputs)]
+    if sum(chosen) > 1:
+        raise DataError("choose one of --val-docs, --val-fraction, --val-input")
+    if config.val_fraction is not None and not 0 < config.val_fraction < 1:
+        raise DataError(f"--val-fraction {config.val_fraction} must be between 0 and 1")
+    if config.on_bad_record not in ("error", "skip"):
+        raise DataError(f"--on-bad-record {config.on_bad_record!r} must be 'error' or 'skip'")
+
+
+def _settings(config: PrepareConfig, tokenizer: Tokenizer, inputs: list[InputFile], val_inputs) -> dict:
+    """Everything the output depends on; its hash guards resuming and re-running."""
+    settings = {
+        "format": FORMAT,
+        "seq_len": config.seq_len,
+        "token_dtype": token_dtype(tokenizer.vocab_size),
+        "shard_samples": config.shard_samples,
+        "seed": config.seed,
+        "val_docs": config.val_docs,
+        "val_fraction": config.val_fraction,
+        "tokenizer": {
+            "spec": tokenizer.spec,
+            "name": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "vocab_hash": tokenizer.vocab_hash,
+        },
+        "inputs": [{"path": f.path, "bytes": f.size} for f in inputs],
+        "val_inputs": [{"path": f.path, "bytes": f.size} for f in val_inputs],
+    }
+    hashed = {k: v for k, v in settings.items() if k != "tokenizer"}
+    hashed["vocab_hash"] = tokenizer.vocab_hash
+    for key in ("inputs", "val_inputs"):
+        hashed[key] = [[os.path.abspath(f["path"]), f["bytes"]] for f in settings[key]]
+    settings["settings_hash"] = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+    return settings
+
+
+def _finished_manifest(out: str, settings: dict) -> dict | None:
+    path = os.path.join(out, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("settings_hash") != settings["settings_hash"]:
+        raise PrepareStateError(
+            f"{path} holds data prepared with other inputs or settings; choose another --out or delete {out}"
+        )
+    return manifest
+
+
+class _locked:
+    """Exclusive lock on the output folder, so two prepares never write into one folder."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            os.close(self.fd)
+            raise PrepareStateError(f"another prepare is writing into {self.out}; wait for it to finish") from err
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _plans(config: PrepareConfig, inputs: list[InputFile], val_inputs: list[InputFile]) -> list[SplitPlan]:
+    """The validation plan (if any), then the train plan."""
+    everything = _always
+    if val_inputs:
+        return [SplitPlan("val", val_inputs, everything), SplitPlan("train", inputs, everything)]
+    if config.val_docs is not None:
+        val_docs = config.val_docs
+        return [
+            SplitPlan("val", inputs, lambda index: index < val_docs, stop=val_docs),
+            SplitPlan("train", inputs, lambda index: index >= val_docs),
+        ]
+    if config.val_fraction is not None:
+        fraction, seed = config.val_fraction, config.seed
+        return [
+            SplitPlan("val", inputs, lambda index: _unit_hash(seed, index) < fraction),
+            SplitPlan("train", inputs, lambda index: _unit_hash(seed, index) >= fraction),
+        ]
+    return [SplitPlan("train", inputs, everything)]
+
+
+def _always(index: int) -> bool:
+    return True
+
+
+def _unit_hash(seed: int, index: int) -> float:
+    """A uniform number in [0, 1) from (seed, index), the same on every machine (splitmix64)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
+
+
+class _StateStore:
+    """`OUT/.prepare/state.json` (counters per split) and the carry files of unfinished samples."""
+
+    def __init__(self, out: str, settings_hash: str):
+        self.out = out
+        self.folder = os.path.join(out, STATE_DIR)
+        self.path = os.path.join(self.folder, "state.json")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.state = json.load(f)
+            if self.state["settings_hash"] != settings_hash:
+                raise PrepareStateError(
+                    f"{out} holds an unfinished prepare with other inputs or settings ({self.path}); "
+                    f"re-run that command to finish it, or delete {out} to start over"
+                )
+            _log(f"resuming the unfinished prepare in {out}")
+        else:
+            stale = glob.glob(os.path.join(out, "train-*.tar")) + glob.glob(os.path.join(out, "val-*.tar"))
+            if stale:
+                raise PrepareStateError(
+                    f"{out} holds shards ({os.path.basename(stale[0])}, ...) but no prepare state; "
+                    "choose an empty --out"
+                )
+            os.makedirs(self.folder, exist_ok=True)
+            self.state = {"settings_hash": settings_hash, "splits": {}}
+            self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.state)
+
+    def save_carry(self, name: str, arrays: dict[str, np.ndarray]) -> str:
+        """Write arrays to `.prepare/NAME.npz` (through a rename); return the file name."""
+        tmp = os.path.join(self.folder, f"{name}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, os.path.join(self.folder, f"{name}.npz"))
+        return f"{name}.npz"
+
+    def load_carry(self, name: str) -> dict[str, np.ndarray]:
+        with np.load(os.path.join(self.folder, name)) as data:
+            return {key: data[key] for key in data.files}
+
+    def remove(self, name: str) -> None:
+        path = os.path.join(self.folder, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _new_split_state() -> dict:
+    return {
+        "next": [0, 0, 0],
+        "shards": [],
+        "samples": 0,
+        "documents": 0,
+        "records": 0,
+        "input_tokens": 0,
+        "blank_lines": 0,
+        "empty_documents": 0,
+        "skipped": {},
+        "skipped_examples": [],
+        "carry": None,
+        "checkpoints": 0,
+        "dropped_tail_tokens": 0,
+        "complete": False,
+    }
+
+
+@dataclass
+class _Chunk:
+    """Consecutive records of one input, sent to a tokenizer worker together."""
+
+    fmt: str
+    positions: list[tuple[int, int, int]]
+    raws: list[object]
+
+
+class _SplitRun:
+    """Packs one split's documents into shards, checkpointing after every shard."""
+
+    def __init__(self, plan, config, layout, eos_id, store: _StateStore, pool: _TokenizerPool):
+        self.plan, self.config, self.layout, self.store, self.pool = plan, config, layout, store, pool
+        self.state = store.state["splits"].setdefault(plan.name, _new_split_state())
+        self.packer = Packer(layout.sample_tokens, layout.dtype)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_count = 0
+
+    def run(self) -> None:
+        if self.state["complete"]:
+            return
+        self._restore()
+        self.bar = _Progress(self.plan.name, self.config.progress, self.state)
+        for chunk, (lengths, tokens, problems) in self.pool.map(self._chunks()):
+            offset = 0
+            for item, position in enumerate(chunk.positions):
+                shards_before = len(self.state["shards"])
+                offset += self._handle(chunk, item, position, lengths[item], tokens, offset, problems)
+                if len(self.state["shards"]) > shards_before:
+                    self._checkpoint(position)
+            self.bar.update(len(chunk.positions))
+        self._finish()
+
+    def _chunks(self) -> Iterator[_Chunk]:
+        chunk, size = None, 0
+        for input_index, record_index, global_index, raw in self._selected():
+            fmt = self.plan.inputs[input_index].fmt
+            if chunk is not None and (
+                fmt != chunk.fmt or chunk.positions[-1][0] != input_index or len(chunk.raws) >= self.config.chunk_records
+                or size >= self.config.chunk_bytes
+            ):
+                yield chunk
+                chunk = None
+            if chunk is None:
+                chunk, size = _Chunk(fmt, [], []), 0
+            chunk.positions.append((input_index, record_index, global_index))
+            chunk.raws.append(raw)
+            size += len(raw) if isinstance(raw, bytes | str) else 0
+        if chunk is not None:
+            yield chunk
+
+    def _selected(self) -> Iterator[tuple[int, int, int, object]]:
+        input_index, record_index, global_index = self.state["next"]
+        for position in iter_records(self.plan.inputs, (input_index, record_index)):
+            if self.plan.stop is not None and global_index >= self.plan.stop:
+                return
+            if self.plan.select(global_index):
+                yield (*position[:2], global_index, position[2])
+            global_index += 1
+
+    def _handle(self, chunk, item, position, length, tokens, offset, problems) -> int:
+        """Count or pack record `item` of `chunk`; return how many tokens of `tokens` it used."""
+        self.state["records"] += 1
+        if length == BLANK_CODE:
+            self.state["blank_lines"] += 1
+        elif length == EMPTY_CODE:
+            self.state["empty_documents"] += 1
+        elif length == BAD_CODE:
+            self._bad_record(position, *problems[item])
+        else:
+            self.state["documents"] += 1
+            self.state["input_tokens"] += int(length)
+            self._add_samples(*self.packer.add(tokens[offset : offset + length]))
+            return int(length)
+        return 0
+
+    def _bad_record(self, position, reason: str, detail: str) -> None:
+        where = self.plan.inputs[position[0]].location(position[1])
+        if self.config.on_bad_record == "error":
+            raise BadRecordError(
+                f"{where}: {detail}. Fix the input, or re-run with --on-bad-record skip to skip and count bad records"
+            )
+        self.state["skipped"][reason] = self.state["skipped"].get(reason, 0) + 1
+        if len(self.state["skipped_examples"]) < MAX_EXAMPLES:
+            self.state["skipped_examples"].append(f"{where}: {detail}")
+
+    def _add_samples(self, tokens: np.ndarray, is_start: np.ndarray) -> None:
+        if len(tokens):
+            self.pending.append((tokens, is_start))
+            self.pending_count += len(tokens)
+        while self.pending_count >= self.config.shard_samples:
+            self._write_shard(self.config.shard_samples)
+
+    def _write_shard(self, count: int) -> None:
+        tokens = np.concatenate([t for t, _ in self.pending])
+        is_start = np.concatenate([s for _, s in self.pending])
+        index = len(self.state["shards"])
+        name = f"{self.plan.name}-{index:06d}.tar"
+        path = os.path.join(self.config.out, name)
+        info = write_shard(path + ".tmp", self.layout, self.state["samples"], tokens[:count], is_start[:count])
+        os.replace(path + ".tmp", path)
+        self.state["shards"].append(
+            {"name": name, "samples": count, "tokens": count * self.layout.sample_tokens, **info}
+        )
+        self.state["samples"] += count
+        self.pending = [(tokens[count:], is_start[count:])] if count < len(tokens) else []
+        self.pending_count = len(tokens) - count
+
+    def _checkpoint(self, position: tuple[int, int, int]) -> None:
+        """Save the state as of just after record `position`."""
+        self.state["next"] = [position[0], position[1] + 1, position[2] + 1]
+        self.state["checkpoints"] += 1
+        partial_tokens, partial_starts = self.packer.carry()
+        width = self.layout.sample_tokens
+        pending = self.pending or [(np.zeros((0, width), self.layout.dtype), np.zeros((0, width), bool))]
+        arrays = {
+            "pending_tokens": np.concatenate([t for t, _ in pending]),
+            "pending_starts": np.concatenate([s for _, s in pending]),
+            "partial_tokens": partial_tokens,
+            "partial_starts": partial_starts,
+        }
+        old = self.state["carry"]
+        self.state["carry"] = self.store.save_carry(f"{self.plan.name}-carry-{self.state['checkpoints']:06d}", arrays)
+        self.store.save()
+        if old:
+            self.store.remove(old)
+
+    def _restore(self) -> None:
+        """Continue from the last checkpoint: its pending samples and partial sample."""
+        if self.state["carry"] is None:
+            return
+        arrays = self.store.load_carry(self.state["carry"])
+        if len(arrays["pending_tokens"]):
+            self.pending = [(arrays["pending_tokens"], arrays["pending_starts"])]
+            self.pending_count = len(arrays["pending_tokens"])
+        self.packer.restore(arrays["partial_tokens"], arrays["partial_starts"])
+
+    def _finish(self) -> None:
+        self.bar.close()
+        if self.state["documents"] == 0:
+            inputs = ", ".join(f.path for f in self.plan.inputs)
+            raise EmptyInputError(
+                f"the {self.plan.name} split got no document from {inputs} ({self.state['records']} records: "
+                f"{self.state['blank_lines']} blank, {self.state['empty_documents']} empty, "
+                f"{sum(self.state['skipped'].values())} skipped)"
+            )
+        if self.pending_count:
+            self._write_shard(self.pending_count)
+        if not self.state["shards"]:
+            raise EmptyInputError(
+                f"the {self.plan.name} split has {self.state['input_tokens']} tokens, fewer than one sample of "
+                f"{self.layout.sample_tokens}; give more input or a smaller --seq-len"
+            )
+        self.state["dropped_tail_tokens"] = self.packer.fill
+        self.state["complete"] = True
+        old, self.state["carry"] = self.state["carry"], None
+        self.store.save()
+        if old:
+            self.store.remove(old)
+
+
+class _Progress:
+    """A tqdm bar of documents with tokens and tokens/s."""
+
+    def __init__(self, split: str, enabled: bool, state: dict):
+        from tqdm import tqdm
+
+        self.state = state
+        self.start_tokens = state["input_tokens"]
+        self.start = time.monotonic()
+        self.bar = tqdm(desc=f"prepare {split}", unit=" docs", disable=not enabled, file=sys.stderr, mininterval=1)
+
+    def update(self, records: int) -> None:
+        self.bar.update(records)
+        rate = (self.state["input_tokens"] - self.start_tokens) / max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.state['input_tokens']:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _TokenizerPool:
+    """Tokenizes chunks in worker processes (or inline for one worker), results in submission order."""
+
+    def __init__(self, tokenizer: Tokenizer, workers: int):
+        self.tokenizer, self.workers = tokenizer, workers
+        self.pool = None
+
+    def __enter__(self) -> _TokenizerPool:
+        global _WORKER_TOKENIZER
+        _WORKER_TOKENIZER = self.tokenizer
+        if self.workers > 1:
+            context = multiprocessing.get_context("spawn")
+            self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=(self.tokenizer.spec,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def map(self, chunks: Iterator[_Chunk]) -> Iterator[tuple[_Chunk, tuple]]:
+        """Yield (chunk, tokenize result) in order, with at most 4 chunks per worker in flight."""
+        if self.pool is None:
+            for chunk in chunks:
+                yield chunk, _tokenize_chunk(chunk.fmt, chunk.raws)
+            return
+        in_flight: collections.deque = collections.deque()
+        for chunk in chunks:
+            in_flight.append((chunk, self.pool.apply_async(_tokenize_chunk, (chunk.fmt, chunk.raws))))
+            if len(in_flight) >= 4 * self.workers:
+                done, result = in_flight.popleft()
+                yield done, result.get()
+        while in_flight:
+            done, result = in_flight.popleft()
+            yield done, result.get()
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(spec: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = load_tokenizer(spec)
+
+
+def _tokenize_chunk(fmt: str, raws: list[object]) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
+    """Parse and tokenize records; EOS appended to each document.
+
+    Returns lengths int64 [n] (tokens of record i incl. EOS, or BLANK_CODE / BAD_CODE / EMPTY_CODE),
+    the documents' tokens concatenated (uint32), and {record: (reason, detail)} for bad records.
+    """
+    tokenizer = _WORKER_TOKENIZER
+    lengths = np.zeros(len(raws), np.int64)
+    pieces: list[list[int]] = []
+    problems: dict[int, tuple[str, str]] = {}
+    for i, raw in enumerate(raws):
+        if fmt == JSONL and raw == BLANK:
+            lengths[i] = BLANK_CODE
+            continue
+        text = parse_record(fmt, raw)
+        if isinstance(text, tuple):
+            lengths[i], problems[i] = BAD_CODE, text
+        elif not text:
+            lengths[i] = EMPTY_CODE
+        else:
+            ids = tokenizer.encode(text)
+            ids.append(tokenizer.eos_id)
+            lengths[i] = len(ids)
+            pieces.append(ids)
+    tokens = np.array(list(itertools.chain.from_iterable(pieces)), np.uint32)
+    return lengths, tokens, problems
+
+
+def _manifest(settings: dict, layout: RecordLayout, splits: dict, config: PrepareConfig) -> dict:
+    manifest = {key: value for key, value in settings.items()}
+    manifest["layout"] = layout.to_dict()
+    manifest["on_bad_record"] = config.on_bad_record
+    manifest["splits"] = {}
+    for name, state in splits.items():
+        entry = {key: state[key] for key in state if key not in ("next", "carry", "checkpoints", "complete")}
+        entry["tokens"] = state["samples"] * layout.sample_tokens
+        manifest["splits"][name] = entry
+    return manifest
+
+
+def _report(manifest: dict) -> None:
+    for name, split in manifest["splits"].items():
+        skipped = sum(split["skipped"].values())
+        _log(
+            f"{name}: {split['documents']:,} documents -> {split['samples']:,} samples "
+            f"({split['tokens']:,} tokens) in {len(split['shards'])} shards; "
+            f"{split['dropped_tail_tokens']} tail tokens dropped, {split['blank_lines']} blank lines, "
+            f"{split['empty_documents']} empty documents, {skipped} bad records skipped {split['skipped'] or ''}"
+        )
+        for example in split["skipped_examples"][:5]:
+            _log(f"  skipped {example}")
+
+
+def _log(message: str) -> None:
+    print(f"[data_pipeline.prepare] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> PrepareConfig:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="files or globs: .jsonl[.zst], .txt[.zst], .parquet")
+    parser.add_argument("--tokenizer", required=True, help="tiktoken:gpt2, sentencepiece:PATH, hf:PATH, ...")
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens per training row (samples hold one more)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="tokenizer processes")
+    parser.add_argument("--shard-samples", type=int, default=16384, help="samples per shard")
+    parser.add_argument("--val-docs", type=int, help="the first K records of the input form the validation split")
+    parser.add_argument("--val-fraction", type=float, help="each record goes to validation with this probability")
+    parser.add_argument("--val-input", nargs="+", default=[], help="separate validation files or globs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --val-fraction; recorded in the manifest")
+    parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    return PrepareConfig(
+        inputs=args.input,
+        tokenizer=args.tokenizer,
+        seq_len=args.seq_len,
+        out=args.out,
+        workers=args.workers,
+        shard_samples=args.shard_samples,
+        val_docs=args.val_docs,
+        val_fraction=args.val_fraction,
+        val_inputs=args.val_input,
+        seed=args.seed,
+        on_bad_record=args.on_bad_record,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        prepare(parse_args(argv))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

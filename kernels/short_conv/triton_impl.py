@@ -1,0 +1,205 @@
+"""Triton gated short convolution: y = silu(conv(u1)) * u2 in one pass, backward in one pass.
+
+Forward reads u1 (K shifted views of one tile, served from L1/L2), u2 and writes y: three tensors of
+traffic instead of the unfused conv -> silu -> mul chain. Backward recomputes the conv at the K rows that
+each input feeds (K^2 tile loads, again from cache), writes du1 and du2, and per-program partial weight
+gradients that are summed on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import new_output, next_pow2
+
+
+@triton.jit
+def _tap(U1, INIT, DOC, i_b, rows, doc_rows, doc0, mask_rows, offs_c, mask_c, shift, T,
+         s1b, s1t, sib, sic, sik, KS: tl.constexpr, HAS_INIT: tl.constexpr):
+    """u1 at rows - shift where it is in the same document (else 0; the initial state before position 0)."""
+    src = rows - shift
+    in_seq = (src >= 0) & mask_rows
+    doc_src = tl.load(DOC + i_b.to(tl.int64) * T + src, mask=in_seq, other=0)
+    ok = in_seq & (doc_src == doc_rows)
+    x = tl.load(U1 + i_b.to(tl.int64) * s1b + src[:, None] * s1t + offs_c[None, :], mask=ok[:, None] & mask_c[None, :],
+                other=0.0).to(tl.float32)
+    if HAS_INIT:
+        from_init = (src < 0) & mask_rows & (doc_rows == doc0)
+        xi = tl.load(INIT + i_b.to(tl.int64) * sib + offs_c[None, :] * sic + (KS - 1 + src)[:, None] * sik,
+                     mask=from_init[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        x += xi
+    return x
+
+
+@triton.jit
+def _conv_at(U1, W, INIT, DOC, i_b, rows, doc_rows, doc0, mask_rows, offs_c, mask_c, T,
+             s1b, s1t, swc, swk, sib, sic, sik, BT: tl.constexpr, BC: tl.constexpr, KS: tl.constexpr,
+             HAS_INIT: tl.constexpr):
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(KS):
+        w = tl.load(W + offs_c * swc + j * swk, mask=mask_c, other=0.0).to(tl.float32)
+        x = _tap(U1, INIT, DOC, i_b, rows, doc_rows, doc0, mask_rows, offs_c, mask_c, KS - 1 - j, T,
+                 s1b, s1t, sib, sic, sik, KS, HAS_INIT)
+        acc += x * w[None, :]
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(U1, U2, W, DOC, INIT, Y, T, C,
+                s1b, s1t, s2b, s2t, syb, syt, swc, swk, sib, sic, sik,
+                KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_INIT: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    rows = i_t * BT + tl.arange(0, BT)
+    mask_t = rows < T
+    offs_c = i_c * BC + tl.arange(0, BC)
+    mask_c = offs_c < C
+    doc_rows = tl.load(DOC + i_b.to(tl.int64) * T + rows, mask=mask_t, other=0)
+    doc0 = tl.load(DOC + i_b.to(tl.int64) * T)
+    conv = _conv_at(U1, W, INIT, DOC, i_b, rows, doc_rows, doc0, mask_t, offs_c, mask_c, T,
+                    s1b, s1t, swc, swk, sib, sic, sik, BT, BC, KS, HAS_INIT)
+    mask = mask_t[:, None] & mask_c[None, :]
+    u2 = tl.load(U2 + i_b.to(tl.int64) * s2b + rows[:, None] * s2t + offs_c[None, :], mask=mask, other=0.0)
+    y = conv * tl.sigmoid(conv) * u2.to(tl.float32)
+    tl.store(Y + i_b.to(tl.int64) * syb + rows[:, None] * syt + offs_c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(U1, U2, W, DOC, INIT, DY, DU1, DU2, DW_PART, T, C,
+                s1b, s1t, s2b, s2t, sdyb, sdyt, sd1b, sd1t, sd2b, sd2t, swc, swk, sib, sic, sik,
+                KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_INIT: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    rows = i_t * BT + tl.arange(0, BT)
+    mask_t = rows < T
+    offs_c = i_c * BC + tl.arange(0, BC)
+    mask_c = offs_c < C
+    doc_ptr = DOC + i_b.to(tl.int64) * T
+    doc_rows = tl.load(doc_ptr + rows, mask=mask_t, other=0)
+    doc0 = tl.load(doc_ptr)
+    du1 = tl.zeros([BT, BC], dtype=tl.float32)
+    # input row t feeds the outputs t + s (s = 0 .. K-1) through tap K-1-s
+    for s in tl.static_range(KS):
+        out_rows = rows + s
+        mask_o = out_rows < T
+        doc_o = tl.load(doc_ptr + out_rows, mask=mask_o, other=0)
+        conv = _conv_at(U1, W, INIT, DOC, i_b, out_rows, doc_o, doc0, mask_o, offs_c, mask_c, T,
+                        s1b, s1t, swc, swk, sib, sic, sik, BT, BC, KS, HAS_INIT)
+        mask = mask_o[:, None] & mask_c[None, :]
+        dy = tl.load(DY + i_b.to(tl.int64) * sdyb + out_rows[:, None] * sdyt + offs_c[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        u2 = tl.load(U2 + i_b.to(tl.int64) * s2b + out_rows[:, None] * s2t + offs_c[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        sig = tl.sigmoid(conv)
+        dconv = dy * u2 * sig * (1.0 + conv * (1.0 - sig))
+        w = tl.load(W + offs_c * swc + (KS - 1 - s) * swk, mask=mask_c, other=0.0).to(tl.float32)
+        feeds = mask_o & (doc_o == doc_rows)
+        du1 += tl.where(feeds[:, None], dconv * w[None, :], 0.0)
+        if s == 0:
+            own_mask = mask
+            tl.store(DU2 + i_b.to(tl.int64) * sd2b + rows[:, None] * sd2t + offs_c[None, :],
+                     (dy * conv * sig).to(DU2.dtype.element_ty), mask=own_mask)
+            # weight gradient of this tile: sum over rows of dconv * (input of each tap)
+            part = DW_PART + ((i_b * tl.num_programs(0) + i_t) * KS).to(tl.int64) * C
+            for j in tl.static_range(KS):
+                x = _tap(U1, INIT, DOC, i_b, rows, doc_rows, doc0, mask_t, offs_c, mask_c, KS - 1 - j, T,
+                         s1b, s1t, sib, sic, sik, KS, HAS_INIT)
+                tl.store(part + j * C + offs_c, tl.sum(dconv * x, axis=0), mask=mask_c)
+    tl.store(DU1 + i_b.to(tl.int64) * sd1b + rows[:, None] * sd1t + offs_c[None, :], du1.to(DU1.dtype.element_ty),
+             mask=mask_t[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _step_kernel(U1, U2, W, STATE, Y, C, s1b, s2b, syb, swc, swk, ssb, ssc, ssk,
+                 KS: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """One decode token: shift the [C, K] input history left, append u1, y = silu(history . w) * u2."""
+    i_c = tl.program_id(0)
+    i_b = tl.program_id(1)
+    offs_c = i_c * BC + tl.arange(0, BC)
+    mask_c = offs_c < C
+    offs_k = tl.arange(0, BK)
+    state_ptr = STATE + i_b.to(tl.int64) * ssb + offs_c[:, None] * ssc
+    older = tl.load(state_ptr + (offs_k[None, :] + 1) * ssk, mask=mask_c[:, None] & (offs_k[None, :] + 1 < KS),
+                    other=0.0)
+    u1 = tl.load(U1 + i_b * s1b + offs_c, mask=mask_c, other=0.0)
+    hist = tl.where(offs_k[None, :] == KS - 1, u1[:, None].to(older.dtype), older)
+    w = tl.load(W + offs_c[:, None] * swc + offs_k[None, :] * swk, mask=mask_c[:, None] & (offs_k[None, :] < KS),
+                other=0.0)
+    conv = tl.sum(hist.to(tl.float32) * w.to(tl.float32), axis=1)
+    u2 = tl.load(U2 + i_b * s2b + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(Y + i_b * syb + offs_c, (conv * tl.sigmoid(conv) * u2).to(Y.dtype.element_ty), mask=mask_c)
+    # all reads of the old history happen before any slot is overwritten
+    tl.debug_barrier()
+    tl.store(state_ptr + offs_k[None, :] * ssk, hist, mask=mask_c[:, None] & (offs_k[None, :] < KS))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+
+BLOCK_T = 32
+BLOCK_C = 128
+
+
+def _init_strides(init: torch.Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if init is None else (init.stride(0), init.stride(1), init.stride(2))
+
+
+class ShortConvGatedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u1, u2, weight, docs, init):
+        batch, seqlen, channels = u1.shape
+        ks = weight.shape[1]
+        y = new_output(u1.shape, u1.dtype, u1.device)
+        grid = (triton.cdiv(seqlen, BLOCK_T), triton.cdiv(channels, BLOCK_C), batch)
+        _fwd_kernel[grid](u1, u2, weight, docs, init if init is not None else u1, y, seqlen, channels,
+                          u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1), y.stride(0), y.stride(1),
+                          weight.stride(0), weight.stride(1), *_init_strides(init),
+                          KS=ks, BT=BLOCK_T, BC=BLOCK_C, HAS_INIT=init is not None, num_warps=4)
+        ctx.save_for_backward(u1, u2, weight, docs, init)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u1, u2, weight, docs, init = ctx.saved_tensors
+        batch, seqlen, channels = u1.shape
+        ks = weight.shape[1]
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        du1 = new_output(u1.shape, u1.dtype, u1.device)
+        du2 = new_output(u2.shape, u2.dtype, u2.device)
+        n_t = triton.cdiv(seqlen, BLOCK_T)
+        dw_part = new_output((batch * n_t, ks, channels), torch.float32, u1.device)
+        grid = (n_t, triton.cdiv(channels, BLOCK_C), batch)
+        _bwd_kernel[grid](u1, u2, weight, docs, init if init is not None else u1, dy, du1, du2, dw_part,
+                          seqlen, channels, u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1),
+                          dy.stride(0), dy.stride(1), du1.stride(0), du1.stride(1), du2.stride(0), du2.stride(1),
+                          weight.stride(0), weight.stride(1), *_init_strides(init),
+                          KS=ks, BT=BLOCK_T, BC=BLOCK_C, HAS_INIT=init is not None, num_warps=4)
+        dw = dw_part.sum(0).t().to(weight.dtype)
+        return du1, du2, dw, None, None
+
+
+def short_conv_gated_triton(u1, u2, weight, *, doc_ids=None, initial_state=None):
+    """Triton path of `short_conv_gated` (arguments already validated)."""
+    u1, u2, weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (u1, u2, weight))
+    if doc_ids is None:
+        docs = torch.zeros(u1.shape[:2], dtype=torch.int32, device=u1.device)
+    else:
+        docs = doc_ids.contiguous()
+    init = None if initial_state is None else initial_state.detach()
+    return ShortConvGatedFn.apply(u1, u2, weight, docs, init)
+
+
+def short_conv_gated_step_triton(u1, u2, weight, conv_state):
+    """One decode token (arguments already validated); conv_state [B, C, K] updated in place."""
+    batch, channels = u1.shape
+    ks = weight.shape[1]
+    y = new_output(u1.shape, u1.dtype, u1.device)
+    block_c = 128
+    _step_kernel[(triton.cdiv(channels, block_c), batch)](
+        u1, u2, weight, conv_state, y, channels, u1.stride(0), u2.stride(0), y.stride(0),
+        weight.stride(0), weight.stride(1), *conv_state.stride(), KS=ks, BK=next_pow2(ks), BC=block_c, num_warps=4)
+    return y

@@ -1,0 +1,332 @@
+"""Triton sliding-window causal softmax attention (small windows): forward, backward, decode step.
+
+Forward: one program per (query block of BM rows, batch x head); it visits only the key blocks that
+intersect [m0 - window, m0 + BM), with online softmax in fp32 and the log-sum-exp saved for backward.
+Backward: FlashAttention-2 style without atomics: one kernel per key block for dK, dV (visiting the query
+blocks within the window after it) and one per query block for dQ; delta = rowsum(dO * O) first.
+Masks: key j is visible to query i when i - window <= j <= i and doc(j) == doc(i).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import interpreting, last_dim_contiguous, new_output, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation; "emulate" multiplies bf16-rounded operands in fp32 (the interpreter's
+    bf16 dot is broken in triton 3.9)."""
+    if PREC == "emulate":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _visible(offs_q, offs_k, doc_q, doc_k, mask_k, WINDOW):
+    """[len(offs_q), len(offs_k)]: key visible to query (causal, within the window, same document)."""
+    delta = offs_q[:, None] - offs_k[None, :]
+    return (delta >= 0) & (delta <= WINDOW) & (doc_q[:, None] == doc_k[None, :]) & mask_k[None, :]
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, DOC, O, LSE, T, H, D, WINDOW, qk_scale,
+                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    m0 = i_m * BM
+    offs_m = m0 + tl.arange(0, BM)
+    mask_m = offs_m < T
+    offs_d = tl.arange(0, BD)
+    mask_d = offs_d < D
+    q = tl.load(Q + i_b.to(tl.int64) * sqb + i_h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    doc_ptr = DOC + i_b.to(tl.int64) * T
+    doc_q = tl.load(doc_ptr + offs_m, mask=mask_m, other=0)
+    k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
+    v_ptr = V + i_b.to(tl.int64) * svb + i_h * svh
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    lo = (tl.maximum(m0 - WINDOW, 0) // BN) * BN
+    hi = tl.minimum(T, m0 + BM)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < T
+        k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        doc_k = tl.load(doc_ptr + offs_n, mask=mask_n, other=0)
+        s = _mm(q, tl.trans(k), PREC) * qk_scale
+        s = tl.where(_visible(offs_m, offs_n, doc_q, doc_k, mask_n, WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # rows that have seen no visible key yet keep m = -inf; shift by 0 instead to avoid inf - inf
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(O + i_b.to(tl.int64) * sob + i_h * soh + offs_m[:, None] * sot + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + i_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=mask_m)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, T, H, D, sob, sot, soh, sdob, sdot, sdoh, BT: tl.constexpr, BD: tl.constexpr):
+    """DELTA[b, h, t] = dO_t . O_t (the softmax backward's row term)."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = i_t * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    mask = (offs_t[:, None] < T) & (offs_d[None, :] < D)
+    o = tl.load(O + i_b.to(tl.int64) * sob + i_h * soh + offs_t[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + i_b.to(tl.int64) * sdob + i_h * sdoh + offs_t[:, None] * sdot + offs_d[None, :], mask=mask,
+                 other=0.0)
+    tl.store(DELTA + i_bh.to(tl.int64) * T + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1),
+             mask=offs_t < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, T, H, D, WINDOW, qk_scale, scale,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+                     sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n0 = i_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    mask_n = offs_n < T
+    offs_d = tl.arange(0, BD)
+    mask_d = offs_d < D
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + i_b.to(tl.int64) * skb + i_h * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + i_b.to(tl.int64) * svb + i_h * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    doc_ptr = DOC + i_b.to(tl.int64) * T
+    doc_k = tl.load(doc_ptr + offs_n, mask=mask_n, other=0)
+    q_ptr = Q + i_b.to(tl.int64) * sqb + i_h * sqh
+    do_ptr = DO + i_b.to(tl.int64) * sdob + i_h * sdoh
+    lse_ptr = LSE + i_bh.to(tl.int64) * T
+    delta_ptr = DELTA + i_bh.to(tl.int64) * T
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    lo = (n0 // BM) * BM
+    hi = tl.minimum(T, n0 + BN + WINDOW)
+    for m0 in range(lo, hi, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mask_m = offs_m < T
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + offs_m[:, None] * sdot + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + offs_m, mask=mask_m, other=0.0)
+        doc_q = tl.load(doc_ptr + offs_m, mask=mask_m, other=0)
+        # transposed blocks: rows are keys, columns are queries
+        s_t = _mm(k, tl.trans(q), PREC) * qk_scale
+        visible_t = tl.trans(_visible(offs_m, offs_n, doc_q, doc_k, mask_n, WINDOW)) & mask_m[None, :]
+        p_t = tl.where(visible_t, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += _mm(p_t.to(do.dtype), do, PREC)
+        dp_t = _mm(v, tl.trans(do), PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _mm(ds_t.to(q.dtype), q, PREC)
+    tl.store(DK + i_b.to(tl.int64) * sdkb + i_h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + i_b.to(tl.int64) * sdvb + i_h * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DOC, DO, LSE, DELTA, DQ, T, H, D, WINDOW, qk_scale, scale,
+                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    m0 = i_m * BM
+    offs_m = m0 + tl.arange(0, BM)
+    mask_m = offs_m < T
+    offs_d = tl.arange(0, BD)
+    mask_d = offs_d < D
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + i_b.to(tl.int64) * sqb + i_h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask,
+                other=0.0)
+    do = tl.load(DO + i_b.to(tl.int64) * sdob + i_h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=q_mask,
+                 other=0.0)
+    lse = tl.load(LSE + i_bh.to(tl.int64) * T + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + i_bh.to(tl.int64) * T + offs_m, mask=mask_m, other=0.0)
+    doc_ptr = DOC + i_b.to(tl.int64) * T
+    doc_q = tl.load(doc_ptr + offs_m, mask=mask_m, other=0)
+    k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
+    v_ptr = V + i_b.to(tl.int64) * svb + i_h * svh
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    lo = (tl.maximum(m0 - WINDOW, 0) // BN) * BN
+    hi = tl.minimum(T, m0 + BM)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < T
+        k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        doc_k = tl.load(doc_ptr + offs_n, mask=mask_n, other=0)
+        s = _mm(q, tl.trans(k), PREC) * qk_scale
+        p = tl.where(_visible(offs_m, offs_n, doc_q, doc_k, mask_n, WINDOW), tl.exp2(s - lse[:, None]), 0.0)
+        dp = _mm(do, tl.trans(v), PREC)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PREC)
+    tl.store(DQ + i_b.to(tl.int64) * sdqb + i_h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _step_kernel(Q, K, V, KC, VC, POS, O, H, D, W, scale,
+                 sqb, sqh, skb, skh, svb, svh, scb, scs, sch, svcb, svcs, svch, sob, soh,
+                 BW: tl.constexpr, BD: tl.constexpr):
+    """One decode token for one (batch, head): attend the ring of W past keys plus itself, then store k, v."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_d = tl.arange(0, BD)
+    mask_d = offs_d < D
+    slots = tl.arange(0, BW)
+    pos = tl.load(POS + i_b).to(tl.int32)
+    prev = pos - 1
+    # newest earlier position held by each slot (slot = position % W); valid when >= 0
+    slot_pos = prev - ((prev - slots) % W + W) % W
+    valid = (slots < W) & (slot_pos >= 0)
+    q = tl.load(Q + i_b * sqb + i_h * sqh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    k = tl.load(K + i_b * skb + i_h * skh + offs_d, mask=mask_d, other=0.0)
+    v = tl.load(V + i_b * svb + i_h * svh + offs_d, mask=mask_d, other=0.0)
+    kc_ptr = KC + i_b.to(tl.int64) * scb + i_h * sch
+    vc_ptr = VC + i_b.to(tl.int64) * svcb + i_h * svch
+    cache_mask = valid[:, None] & mask_d[None, :]
+    kc = tl.load(kc_ptr + slots[:, None] * scs + offs_d[None, :], mask=cache_mask, other=0.0).to(tl.float32)
+    vc = tl.load(vc_ptr + slots[:, None] * svcs + offs_d[None, :], mask=cache_mask, other=0.0).to(tl.float32)
+    s = tl.where(valid, tl.sum(kc * q[None, :], axis=1) * scale, float("-inf"))
+    s_self = tl.sum(k.to(tl.float32) * q, axis=0) * scale
+    m = tl.maximum(tl.max(s, axis=0), s_self)
+    p = tl.exp(s - m)
+    p_self = tl.exp(s_self - m)
+    o = (tl.sum(p[:, None] * vc, axis=0) + p_self * v.to(tl.float32)) / (tl.sum(p, axis=0) + p_self)
+    tl.store(O + i_b * sob + i_h * soh + offs_d, o.to(O.dtype.element_ty), mask=mask_d)
+    # every thread has read the ring before the slot of position pos - W is overwritten
+    tl.debug_barrier()
+    slot = pos % W
+    tl.store(kc_ptr + slot * scs + offs_d, k.to(KC.dtype.element_ty), mask=mask_d)
+    tl.store(vc_ptr + slot * svcs + offs_d, v.to(VC.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"
+    return "emulate" if interpreting() else "tf32"
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class Plan:
+    def __init__(self, head_dim: int, block_m: int | None = None, block_n: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None) -> None:
+        self.BD = max(16, next_pow2(head_dim))
+        self.BM = block_m or 64
+        self.BN = block_n or 64
+        self.num_warps = num_warps or 4
+        self.num_stages = num_stages or 2
+
+
+def forward(q, k, v, docs, window, scale, plan: Plan):
+    batch, seqlen, heads, dim = q.shape
+    o = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((batch, heads, seqlen), torch.float32, q.device)
+    grid = (triton.cdiv(seqlen, plan.BM), batch * heads)
+    _fwd_kernel[grid](q, k, v, docs, o, lse, seqlen, heads, dim, window, scale * LOG2E,
+                      *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+                      BM=plan.BM, BN=plan.BN, BD=plan.BD, PREC=_precision(q.dtype),
+                      num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return o, lse
+
+
+def backward(do, q, k, v, docs, o, lse, window, scale, plan: Plan):
+    batch, seqlen, heads, dim = q.shape
+    do = last_dim_contiguous(do)
+    delta = new_output((batch, heads, seqlen), torch.float32, q.device)
+    bt = max(1, min(64, 8192 // plan.BD))
+    _delta_kernel[(triton.cdiv(seqlen, bt), batch * heads)](o, do, delta, seqlen, heads, dim, *_strides3(o),
+                                                             *_strides3(do), BT=bt, BD=plan.BD)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do))
+    meta = dict(BM=plan.BM, BN=plan.BN, BD=plan.BD, PREC=_precision(q.dtype), num_warps=plan.num_warps,
+                num_stages=plan.num_stages)
+    _bwd_dkdv_kernel[(triton.cdiv(seqlen, plan.BN), batch * heads)](
+        q, k, v, docs, do, lse, delta, dk, dv, seqlen, heads, dim, window, scale * LOG2E, scale, *strides,
+        *_strides3(dk), *_strides3(dv), **meta)
+    _bwd_dq_kernel[(triton.cdiv(seqlen, plan.BM), batch * heads)](
+        q, k, v, docs, do, lse, delta, dq, seqlen, heads, dim, window, scale * LOG2E, scale, *strides,
+        *_strides3(dq), **meta)
+    return dq, dk, dv
+
+
+class SlidingWindowAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, docs, window, scale, plan):
+        o, lse = forward(q, k, v, docs, window, scale, plan)
+        ctx.save_for_backward(q, k, v, docs, o, lse)
+        ctx.window, ctx.scale, ctx.plan = window, scale, plan
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, docs, o, lse = ctx.saved_tensors
+        dq, dk, dv = backward(do, q, k, v, docs, o, lse, ctx.window, ctx.scale, ctx.plan)
+        return dq, dk, dv, None, None, None, None
+
+
+def sliding_window_attention_triton(q, k, v, *, window, doc_ids=None, scale=None, block_m=None, block_n=None,
+                                    num_warps=None, num_stages=None):
+    """Triton path of `sliding_window_attention` (arguments already validated)."""
+    batch, seqlen, _, dim = q.shape
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    scale = dim**-0.5 if scale is None else float(scale)
+    if doc_ids is None:
+        docs = torch.zeros(batch, seqlen, dtype=torch.int32, device=q.device)
+    else:
+        docs = doc_ids.contiguous()
+    plan = Plan(dim, block_m, block_n, num_warps, num_stages)
+    return SlidingWindowAttentionFn.apply(q, k, v, docs, int(window), scale, plan)
+
+
+def sliding_window_step_triton(q, k, v, k_cache, v_cache, pos, *, scale=None):
+    """One decode token (arguments already validated); k_cache, v_cache updated in place."""
+    batch, heads, dim = q.shape
+    window = k_cache.shape[1]
+    scale = dim**-0.5 if scale is None else float(scale)
+    o = new_output(q.shape, q.dtype, q.device)
+    _step_kernel[(batch * heads,)](q, k, v, k_cache, v_cache, pos, o, heads, dim, window, scale,
+                                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                   *_strides3(k_cache), *_strides3(v_cache), o.stride(0), o.stride(1),
+                                   BW=max(16, next_pow2(window)), BD=max(16, next_pow2(dim)), num_warps=4)
+    return o
+

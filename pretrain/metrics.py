@@ -1,0 +1,96 @@
+"""Metrics: one row per logged step into metrics.jsonl and TensorBoard, plus a console progress bar with ETA.
+
+Throughput and MFU come from the architecture-aware FLOPs model (`pretrain.flops`). The peak is the
+device's dense bf16 rate (known GPUs below, or `logging.peak_tflops_per_device`).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+# dense bf16 tensor-core peaks, TFLOP/s, by substring of torch.cuda.get_device_name()
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> float:
+    """Peak FLOP/s of one device for MFU; 0 when unknown (MFU is then not reported)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return 0.0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+class MetricsLogger:
+    """Writes rows on rank 0 only; other ranks hold a logger that does nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, progress_bar: bool) -> None:
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
+                             disable=None)
+
+    def set_start(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.last_print_n = step
+            self._bar.refresh()
+
+    def log(self, step: int, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                self._tb.add_scalar(key, value, step)
+        if self._bar is not None and "train/loss" in row:
+            self._bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row.get('train/lr', 0):.2e}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

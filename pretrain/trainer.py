@@ -1,0 +1,239 @@
+"""The training loop: one Trainer for all three architectures.
+
+A step reads `grad_accum` micro-batches of the fixed global order, runs forward/backward (bf16 autocast
+over fp32 weights on GPU), clips, checks for non-finite values, applies AdamW at the scheduled learning
+rate, and logs. Checkpoints hold everything needed for an exact resume (model, optimizer, step, tokens,
+loader position, every rank's RNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from based_layers import build_model
+from data_pipeline.loader import GlobalOrderLoader, ValidationLoader
+from pretrain.checkpoint import Checkpointer, load_checkpoint
+from pretrain.config import TrainConfig, derive, to_yaml
+from pretrain.distributed import DistInfo, all_reduce_max, all_reduce_mean, seed_everything
+from pretrain.flops import training_flops_per_token
+from pretrain.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
+from pretrain.optim import build_optimizer, lr_at, set_lr
+from pretrain.parallelize import parallelize, unwrap
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised under `nonfinite_policy: stop` after the last good state was checkpointed."""
+
+
+class SignalFlag:
+    """First SIGTERM/SIGUSR1: checkpoint at the next step boundary and exit 0. Second: exit at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            import os
+
+            os._exit(128 + signum)
+        self.received = signum
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo) -> None:
+        self.cfg = cfg
+        self.dist = dist_info
+        self.derived = derive(cfg, dist_info.world_size)
+        self.run_dir = cfg.resolved_run_dir
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model).to(dist_info.device)
+        self.model = parallelize(model, cfg, self.derived, dist_info)
+        self.optimizer = build_optimizer(unwrap(self.model), cfg.optim, dist_info.device)
+        self.loader = self._train_loader()
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
+        self.state = TrainState()
+        self.signals = SignalFlag()
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops_per_device)
+        self.metrics = MetricsLogger(self.run_dir, dist_info.is_main, cfg.logging.tensorboard, cfg.schedule.max_steps,
+                                     cfg.logging.progress_bar)
+
+    def _train_loader(self) -> GlobalOrderLoader:
+        d = self.cfg.data
+        return GlobalOrderLoader(d.path, split="train", global_batch_size=d.global_batch_size,
+                                 micro_batch_size=d.micro_batch_size, dp_rank=self.dist.rank % self.derived.dp,
+                                 dp_size=self.derived.dp, seed=d.seed, num_workers=d.num_workers)
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16" and self.dist.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_loss(self, batch: dict) -> torch.Tensor:
+        dev = self.dist.device
+        input_ids = batch["input_ids"].to(dev, non_blocking=True)
+        labels = batch["labels"].to(dev, non_blocking=True)
+        doc_ids = batch["doc_ids"].to(dev) if self.cfg.data.reset_state_at_doc_boundaries else None
+        with self._autocast():
+            logits = self.model(input_ids, doc_ids=doc_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def resume(self) -> None:
+        """Load the checkpoint that `checkpoint.resume` names: auto = newest valid in the run folder."""
+        choice = self.cfg.checkpoint.resume
+        if choice == "none":
+            return
+        folder = self.checkpointer.newest_valid() if choice == "auto" else Path(choice)
+        if folder is None:
+            return
+        ts = load_checkpoint(folder, unwrap(self.model), self.optimizer)
+        self.state = TrainState(ts["step"], ts["tokens_seen"], ts["skipped_steps"])
+        self.loader.load_state_dict(ts["loader"])
+        self.metrics.message(f"resumed from {folder} at step {self.state.step}")
+
+    def save(self, loader_state: dict | None = None, failed_step: int | None = None) -> Path:
+        train_state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
+                       "skipped_steps": self.state.skipped_steps, "loader": loader_state or self.loader.state_dict(),
+                       "world_size": self.dist.world_size}
+        if failed_step is not None:
+            train_state["failed_step"] = failed_step
+        return self.checkpointer.save(self.state.step, unwrap(self.model), self.optimizer, train_state,
+                                      to_yaml(self.cfg), async_save=self.cfg.checkpoint.async_save)
+
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics."""
+        accum = self.derived.grad_accum
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(accum)]
+        t1 = time.perf_counter()
+        total = torch.zeros((), device=self.dist.device)
+        for i, batch in enumerate(micro):
+            sync = contextlib.nullcontext() if i == accum - 1 or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss = self._forward_loss(batch) / accum
+                if self.state.step in self.cfg.debug.nan_loss_at_steps and i == 0:
+                    loss = loss * float("nan")
+                loss.backward()
+            total += loss.detach()
+        t2 = time.perf_counter()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss_value = float(all_reduce_mean(total))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        lr = lr_at(self.state.step, self.cfg.optim.lr, self.cfg.schedule)
+        if finite:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, "finite": finite,
+                "time_data": t1 - t0, "time_fwd_bwd": t2 - t1, "time_optim": t3 - t2}
+
+    def _step_row(self, out: dict) -> dict[str, float]:
+        step_time = out["time_data"] + out["time_fwd_bwd"] + out["time_optim"]
+        tokens_per_s = self.derived.tokens_per_step / step_time
+        row = {"train/loss": out["loss"], "train/lr": out["lr"], "train/grad_norm": out["grad_norm"],
+               "perf/tokens_per_s": tokens_per_s, "perf/tokens_per_s_per_device": tokens_per_s / self.dist.world_size,
+               "perf/time_data_s": out["time_data"], "perf/time_fwd_bwd_s": out["time_fwd_bwd"],
+               "perf/time_optim_s": out["time_optim"], "perf/peak_memory_bytes": peak_memory_bytes(self.dist.device),
+               "train/skipped_steps": self.state.skipped_steps, "train/tokens_seen": self.state.tokens_seen}
+        if self.peak_flops > 0:
+            row["perf/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
+        return row
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        d = self.cfg.data
+        loader = ValidationLoader(d.path, batch_size=self.derived.val_batch_size, dp_rank=self.dist.rank % self.derived.dp,
+                                  dp_size=self.derived.dp, max_samples=d.val_max_samples)
+        self.model.eval()
+        total, count = torch.zeros((), device=self.dist.device), 0
+        for batch in loader:
+            total += self._forward_loss(batch)
+            count += 1
+        self.model.train()
+        mean = total / max(count, 1)
+        return float(all_reduce_mean(mean))
+
+    def fit(self) -> int:
+        """Train to `schedule.max_steps`. Returns the process exit code (0 also after a signal)."""
+        self.signals.install()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        self.resume()
+        self.metrics.set_start(self.state.step)
+        batches = iter(self.loader)
+        try:
+            code = self._loop(batches)
+        finally:
+            self.checkpointer.finalize_pending()
+            self.metrics.close()
+        return code
+
+    def _loop(self, batches) -> int:
+        cfg = self.cfg
+        while self.state.step < cfg.schedule.max_steps:
+            if all_reduce_max(float(self.signals.received is not None), self.dist.device) > 0:
+                folder = self.save()
+                self.metrics.message(f"signal received: checkpoint {folder} written at step {self.state.step}; exiting")
+                return 0
+            loader_before = self.loader.state_dict()
+            out = self.train_step(batches)
+            if not out["finite"]:
+                self._non_finite(out, loader_before)
+            self.state.step += 1
+            self.state.tokens_seen += self.derived.tokens_per_step
+            self._after_step(out)
+        self.metrics.message(f"finished {self.state.step} steps, {self.state.tokens_seen:,} tokens")
+        if not self.checkpointer.folder(self.state.step).exists():
+            self.save()
+        return 0
+
+    def _non_finite(self, out: dict, loader_before: dict) -> None:
+        self.state.skipped_steps += 1
+        what = f"non-finite loss {out['loss']} / grad norm {out['grad_norm']} at step {self.state.step}"
+        if self.cfg.nonfinite_policy == "stop":
+            folder = self.save(loader_state=loader_before, failed_step=self.state.step)
+            raise NonFiniteError(f"{what}: stopped (nonfinite_policy=stop); the last good state is in {folder} "
+                                 "(no update was applied). Resume from it with a lower optim.lr, or set "
+                                 "nonfinite_policy=skip to skip such steps.")
+        self.metrics.message(f"{what}: step skipped (no update; {self.state.skipped_steps} skipped so far)")
+
+    def _after_step(self, out: dict) -> None:
+        cfg, step = self.cfg, self.state.step
+        self.metrics.advance()
+        if step % cfg.logging.log_interval == 0 or step == cfg.schedule.max_steps:
+            self.metrics.log(step, self._step_row(out))
+        if cfg.logging.val_interval > 0 and (step % cfg.logging.val_interval == 0 or step == cfg.schedule.max_steps):
+            val = self.validate()
+            self.metrics.log(step, {"val/loss": val})
+            self.metrics.message(f"step {step}: val loss {val:.4f}")
+        if cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0:
+            self.save()
