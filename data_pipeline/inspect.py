@@ -55,13 +55,19 @@ def show(manifest: Manifest, split: str, position: int, seed: int, tokenizer_spe
     index = int(order.samples(np.array([position]))[0])
     tokens, is_start = store.read(np.array([index]))
     starts = [0, *np.flatnonzero(is_start[0][1:]) + 1, len(tokens[0])]
-    pieces = [tokenizer.decode(tokens[0][a:b].tolist()) for a, b in zip(starts, starts[1:]) if b > a]
+    pieces = [
+        tokenizer.decode(tokens[0][a:b].tolist())
+        for a, b in zip(starts[:-1], starts[1:], strict=True)
+        if b > a
+    ]
     header = f"{split} position {position} (epoch {position // store.num_samples}) = sample {index}:"
     return header + "\n" + DOC_MARK.join(pieces)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.inspect", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("data_dir")
     parser.add_argument("--verify", action="store_true", help="check every shard's sha256")
     parser.add_argument("--show", type=int, metavar="N", help="decode the sample at position N of the order")

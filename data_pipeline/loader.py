@@ -30,6 +30,7 @@ global batch size; then call `iter(loader)` again.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -56,25 +57,34 @@ class SampleStore:
         self.vocab_size = manifest.tokenizer["vocab_size"]
         self.max_cached_shards = max_cached_shards
         self._reader = None
+        self._reader_pid = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_reader"] = None
         return state
 
+    @property
+    def reader(self):
+        """This process's reader (a forked worker must not share the parent's connections)."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = make_reader(self.data_dir, self.max_cached_shards)
+            self._reader_pid = os.getpid()
+        return self._reader
+
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [k, L+1] (uint16/uint32) and document-start masks bool [k, L+1] of samples `indices`."""
-        if self._reader is None:
-            self._reader = make_reader(self.data_dir, self.max_cached_shards)
         width = self.layout.sample_tokens
         tokens = np.empty((len(indices), width), self.layout.dtype)
         is_start = np.empty((len(indices), width), bool)
         shards = np.searchsorted(self.shard_starts, indices, side="right") - 1
-        for row, (index, shard) in enumerate(zip(indices.tolist(), shards.tolist())):
+        for row, (index, shard) in enumerate(zip(indices.tolist(), shards.tolist(), strict=True)):
             name = self.shard_names[shard]
             offset = (index - int(self.shard_starts[shard])) * self.layout.record_bytes
-            record = self._reader.read(name, offset, self.layout.record_bytes)
-            tokens[row], is_start[row] = decode_record(record, self.layout, index, file_url(self.data_dir, name))
+            record = self.reader.read(name, offset, self.layout.record_bytes)
+            tokens[row], is_start[row] = decode_record(
+                record, self.layout, index, file_url(self.data_dir, name)
+            )
         if tokens.size and int(tokens.max()) >= self.vocab_size:
             row = int(np.argmax(tokens.max(axis=1) >= self.vocab_size))
             raise ShardError(
@@ -100,8 +110,16 @@ def make_batch(tokens: np.ndarray, is_start: np.ndarray, indices: np.ndarray) ->
 class _MicroBatches(Dataset):
     """Micro-batch k of one rank, for k = 0, 1, ... counted from stream position `base`."""
 
-    def __init__(self, store: SampleStore, order: GlobalOrder, base: int, rows_per_rank: int, dp_rank: int,
-                 global_batch_size: int, micro_batch_size: int):
+    def __init__(
+        self,
+        store: SampleStore,
+        order: GlobalOrder,
+        base: int,
+        rows_per_rank: int,
+        dp_rank: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+    ):
         self.store, self.order, self.base = store, order, base
         self.rows_per_rank, self.dp_rank = rows_per_rank, dp_rank
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
@@ -110,8 +128,12 @@ class _MicroBatches(Dataset):
     def positions(self, k: int) -> np.ndarray:
         """Stream positions int64 [m] of micro-batch k."""
         step, micro = divmod(k, self.accumulation_steps)
-        first = (self.base + step * self.global_batch_size + self.dp_rank * self.rows_per_rank
-                 + micro * self.micro_batch_size)
+        first = (
+            self.base
+            + step * self.global_batch_size
+            + self.dp_rank * self.rows_per_rank
+            + micro * self.micro_batch_size
+        )
         return first + np.arange(self.micro_batch_size, dtype=np.int64)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
@@ -129,25 +151,44 @@ class _CountFrom(Sampler):
         return iter(itertools.count(self.start) if self.stop is None else range(self.start, self.stop))
 
 
-def _iterate(dataset: Dataset, start: int, stop: int | None, num_workers: int, prefetch_factor: int,
-             pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
+def _iterate(
+    dataset: Dataset, start: int, stop: int | None, num_workers: int, prefetch_factor: int, pin_memory: bool
+) -> Iterator[dict[str, torch.Tensor]]:
     """dataset[start], dataset[start+1], ... in order, built by num_workers processes (0: inline)."""
     if num_workers == 0:
         for k in _CountFrom(start, stop):
             yield dataset[k]
         return
-    loader = DataLoader(dataset, batch_size=None, sampler=_CountFrom(start, stop), num_workers=num_workers,
-                        prefetch_factor=prefetch_factor, pin_memory=pin_memory)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=_CountFrom(start, stop),
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory,
+    )
     yield from loader
 
 
 class GlobalOrderLoader:
     """The endless, resumable training stream of one data-parallel rank (see the module docstring)."""
 
-    def __init__(self, data_dir: str, split: str = "train", *, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, num_workers: int = 0,
-                 prefetch_factor: int = 4, pin_memory: bool = False, verify_checksums: bool = False,
-                 max_cached_shards: int = 2):
+    def __init__(
+        self,
+        data_dir: str,
+        split: str = "train",
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        prefetch_factor: int = 4,
+        pin_memory: bool = False,
+        verify_checksums: bool = False,
+        max_cached_shards: int = 2,
+    ):
         _check_batch_shape(global_batch_size, micro_batch_size, dp_rank, dp_size)
         self.manifest = load_manifest(data_dir)
         self.split, self.seed = split, seed
@@ -184,13 +225,22 @@ class GlobalOrderLoader:
 
     def _stream(self, generation: int) -> Iterator[dict[str, torch.Tensor]]:
         rows = self.global_batch_size // self.dp_size
-        dataset = _MicroBatches(self.store, self.order, self._base, rows, self.dp_rank, self.global_batch_size,
-                                self.micro_batch_size)
+        dataset = _MicroBatches(
+            self.store,
+            self.order,
+            self._base,
+            rows,
+            self.dp_rank,
+            self.global_batch_size,
+            self.micro_batch_size,
+        )
         start = self._micro_done
         batches = _iterate(dataset, start, None, self.num_workers, self.prefetch_factor, self.pin_memory)
         for k, batch in zip(itertools.count(start), batches):
             if generation != self._generation:
-                raise RuntimeError("this loader iterator is stale: iter(loader) or load_state_dict was called since")
+                raise RuntimeError(
+                    "this loader iterator is stale: iter(loader) or load_state_dict was called since"
+                )
             self._micro_done = k + 1
             yield batch
 
@@ -225,14 +275,26 @@ class ValidationLoader:
     takes rows [r*B, (r+1)*B). `max_samples` is rounded down to whole global batches, so every rank
     yields `len(loader)` batches of B rows."""
 
-    def __init__(self, data_dir: str, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 max_samples: int | None = None, split: str = "val", num_workers: int = 0,
-                 prefetch_factor: int = 4, verify_checksums: bool = False, max_cached_shards: int = 2):
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        max_samples: int | None = None,
+        split: str = "val",
+        num_workers: int = 0,
+        prefetch_factor: int = 4,
+        verify_checksums: bool = False,
+        max_cached_shards: int = 2,
+    ):
         _check_batch_shape(batch_size * dp_size, batch_size, dp_rank, dp_size)
         self.manifest = load_manifest(data_dir)
         _check_shards(self.manifest, split, verify_checksums)
         self.store = SampleStore(self.manifest, split, max_cached_shards)
-        available = self.store.num_samples if max_samples is None else min(max_samples, self.store.num_samples)
+        available = (
+            self.store.num_samples if max_samples is None else min(max_samples, self.store.num_samples)
+        )
         self.num_batches = available // (batch_size * dp_size)
         if self.num_batches == 0:
             raise ShardError(

@@ -39,7 +39,9 @@ class Packer:
             return tokens, starts
         rest = document[head:]
         full = len(rest) // size
-        tokens = np.concatenate([self.tokens[None], rest[: full * size].reshape(full, size).astype(self.dtype)])
+        tokens = np.concatenate(
+            [self.tokens[None], rest[: full * size].reshape(full, size).astype(self.dtype)]
+        )
         starts = np.zeros((full + 1, size), bool)
         starts[0] = self.is_start
         self._reset(rest[full * size :])

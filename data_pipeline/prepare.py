@@ -102,7 +102,7 @@ def prepare(config: PrepareConfig) -> dict:
         layout = RecordLayout.build(config.seq_len, settings["token_dtype"])
         with _TokenizerPool(tokenizer, config.workers) as pool:
             for plan in _plans(config, inputs, val_inputs):
-                _SplitRun(plan, config, layout, tokenizer.eos_id, store, pool).run()
+                _SplitRun(plan, config, layout, store, pool).run()
         manifest = _manifest(settings, layout, store.state["splits"], config)
         write_json_atomic(os.path.join(config.out, MANIFEST), manifest)
         shutil.rmtree(store.folder)
@@ -160,6 +160,7 @@ def _finished_manifest(out: str, settings: dict) -> dict | None:
         raise PrepareStateError(
             f"{path} holds data prepared with other inputs or settings; choose another --out or delete {out}"
         )
+    shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)
     return manifest
 
 
@@ -175,7 +176,9 @@ class _locked:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
             os.close(self.fd)
-            raise PrepareStateError(f"another prepare is writing into {self.out}; wait for it to finish") from err
+            raise PrepareStateError(
+                f"another prepare is writing into {self.out}; wait for it to finish"
+            ) from err
 
     def __exit__(self, *exc) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -292,7 +295,7 @@ class _Chunk:
 class _SplitRun:
     """Packs one split's documents into shards, checkpointing after every shard."""
 
-    def __init__(self, plan, config, layout, eos_id, store: _StateStore, pool: _TokenizerPool):
+    def __init__(self, plan, config, layout, store: _StateStore, pool: _TokenizerPool):
         self.plan, self.config, self.layout, self.store, self.pool = plan, config, layout, store, pool
         self.state = store.state["splits"].setdefault(plan.name, _new_split_state())
         self.packer = Packer(layout.sample_tokens, layout.dtype)
@@ -319,7 +322,9 @@ class _SplitRun:
         for input_index, record_index, global_index, raw in self._selected():
             fmt = self.plan.inputs[input_index].fmt
             if chunk is not None and (
-                fmt != chunk.fmt or chunk.positions[-1][0] != input_index or len(chunk.raws) >= self.config.chunk_records
+                fmt != chunk.fmt
+                or chunk.positions[-1][0] != input_index
+                or len(chunk.raws) >= self.config.chunk_records
                 or size >= self.config.chunk_bytes
             ):
                 yield chunk
@@ -380,7 +385,9 @@ class _SplitRun:
         index = len(self.state["shards"])
         name = f"{self.plan.name}-{index:06d}.tar"
         path = os.path.join(self.config.out, name)
-        info = write_shard(path + ".tmp", self.layout, self.state["samples"], tokens[:count], is_start[:count])
+        info = write_shard(
+            path + ".tmp", self.layout, self.state["samples"], tokens[:count], is_start[:count]
+        )
         os.replace(path + ".tmp", path)
         self.state["shards"].append(
             {"name": name, "samples": count, "tokens": count * self.layout.sample_tokens, **info}
@@ -403,7 +410,9 @@ class _SplitRun:
             "partial_starts": partial_starts,
         }
         old = self.state["carry"]
-        self.state["carry"] = self.store.save_carry(f"{self.plan.name}-carry-{self.state['checkpoints']:06d}", arrays)
+        self.state["carry"] = self.store.save_carry(
+            f"{self.plan.name}-carry-{self.state['checkpoints']:06d}", arrays
+        )
         self.store.save()
         if old:
             self.store.remove(old)
@@ -451,12 +460,16 @@ class _Progress:
         self.state = state
         self.start_tokens = state["input_tokens"]
         self.start = time.monotonic()
-        self.bar = tqdm(desc=f"prepare {split}", unit=" docs", disable=not enabled, file=sys.stderr, mininterval=1)
+        self.bar = tqdm(
+            desc=f"prepare {split}", unit=" docs", disable=not enabled, file=sys.stderr, mininterval=1
+        )
 
     def update(self, records: int) -> None:
         self.bar.update(records)
         rate = (self.state["input_tokens"] - self.start_tokens) / max(time.monotonic() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.state['input_tokens']:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+        self.bar.set_postfix_str(
+            f"{self.state['input_tokens']:,} tokens, {rate:,.0f} tokens/s", refresh=False
+        )
 
     def close(self) -> None:
         self.bar.close()
@@ -507,7 +520,9 @@ def _init_worker(spec: str) -> None:
     _WORKER_TOKENIZER = load_tokenizer(spec)
 
 
-def _tokenize_chunk(fmt: str, raws: list[object]) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
+def _tokenize_chunk(
+    fmt: str, raws: list[object]
+) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
     """Parse and tokenize records; EOS appended to each document.
 
     Returns lengths int64 [n] (tokens of record i incl. EOS, or BLANK_CODE / BAD_CODE / EMPTY_CODE),
@@ -565,17 +580,31 @@ def _log(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, help="files or globs: .jsonl[.zst], .txt[.zst], .parquet")
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.prepare", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="files or globs: .jsonl[.zst], .txt[.zst], .parquet"
+    )
     parser.add_argument("--tokenizer", required=True, help="tiktoken:gpt2, sentencepiece:PATH, hf:PATH, ...")
-    parser.add_argument("--seq-len", type=int, required=True, help="tokens per training row (samples hold one more)")
+    parser.add_argument(
+        "--seq-len", type=int, required=True, help="tokens per training row (samples hold one more)"
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="tokenizer processes")
+    parser.add_argument(
+        "--workers", type=int, default=len(os.sched_getaffinity(0)), help="tokenizer processes"
+    )
     parser.add_argument("--shard-samples", type=int, default=16384, help="samples per shard")
-    parser.add_argument("--val-docs", type=int, help="the first K records of the input form the validation split")
-    parser.add_argument("--val-fraction", type=float, help="each record goes to validation with this probability")
+    parser.add_argument(
+        "--val-docs", type=int, help="the first K records of the input form the validation split"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, help="each record goes to validation with this probability"
+    )
     parser.add_argument("--val-input", nargs="+", default=[], help="separate validation files or globs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --val-fraction; recorded in the manifest")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of --val-fraction; recorded in the manifest"
+    )
     parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ names of every record it reads, so a corrupt or foreign tar is an error, never s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import tarfile
@@ -37,10 +38,16 @@ def sample_key(index: int) -> str:
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
-    """`array` in .npy format."""
+    """`array` (C-contiguous) in .npy format, as np.save writes it."""
+    return _npy_header(array.dtype.str, array.shape) + array.tobytes()
+
+
+@functools.lru_cache(maxsize=16)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    np.save(buffer, np.zeros(shape, dtype), allow_pickle=False)
+    data = buffer.getvalue()
+    return data[: len(data) - np.dtype(dtype).itemsize * int(np.prod(shape))]
 
 
 def little_endian(dtype: str) -> np.dtype:
@@ -120,7 +127,9 @@ class _HashingFile:
         self.file.flush()
 
 
-def write_shard(path: str, layout: RecordLayout, first_index: int, tokens: np.ndarray, is_start: np.ndarray) -> dict:
+def write_shard(
+    path: str, layout: RecordLayout, first_index: int, tokens: np.ndarray, is_start: np.ndarray
+) -> dict:
     """Write samples `tokens` [n, L+1] and `is_start` [n, L+1] as a tar; return {bytes, sha256}.
 
     Keys are `first_index + j`. Raises ShardError if a record does not have the fixed layout.
@@ -144,7 +153,9 @@ def tar_size(layout: RecordLayout, samples: int) -> int:
     return -(-(samples * layout.record_bytes + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def decode_record(record: bytes | memoryview, layout: RecordLayout, index: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def decode_record(
+    record: bytes | memoryview, layout: RecordLayout, index: int, where: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokens [L+1] and the bool document-start mask [L+1] of sample `index` from its record bytes.
 
     `where` names the shard for error messages.
@@ -157,7 +168,9 @@ def decode_record(record: bytes | memoryview, layout: RecordLayout, index: int, 
     key = sample_key(index)
     _check_header(record, 0, f"{key}.{DOCSTARTS}", index, where)
     _check_header(record, layout.tokens_offset - TAR_BLOCK, f"{key}.{TOKENS}", index, where)
-    starts = _npy_payload(record, layout.docstarts_offset, layout.docstarts_bytes, layout.bits_bytes, np.uint8)
+    starts = _npy_payload(
+        record, layout.docstarts_offset, layout.docstarts_bytes, layout.bits_bytes, np.uint8
+    )
     tokens = _npy_payload(
         record, layout.tokens_offset, layout.tokens_bytes, layout.sample_tokens, little_endian(layout.dtype)
     )

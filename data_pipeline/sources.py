@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from data_pipeline.errors import CorruptInputError, EmptyInputError, UnknownFormatError
 
 JSONL, TEXT, PARQUET = "jsonl", "text", "parquet"
-_FORMATS = ((".jsonl.zst", JSONL), (".jsonl", JSONL), (".txt.zst", TEXT), (".txt", TEXT), (".parquet", PARQUET))
+_FORMATS = (
+    (".jsonl.zst", JSONL),
+    (".jsonl", JSONL),
+    (".txt.zst", TEXT),
+    (".txt", TEXT),
+    (".parquet", PARQUET),
+)
 BLANK = b""
 PARQUET_BATCH_ROWS = 1024
 
@@ -73,7 +79,9 @@ def expand_inputs(patterns: list[str]) -> list[InputFile]:
     return files
 
 
-def iter_records(inputs: list[InputFile], start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, object]]:
+def iter_records(
+    inputs: list[InputFile], start: tuple[int, int] = (0, 0)
+) -> Iterator[tuple[int, int, object]]:
     """Yield `(input_index, record_index, raw)` from `start` on; raw is bytes, a str, None or BLANK.
 
     jsonl: raw is the line's bytes (BLANK, i.e. b"", for a blank line); text: the file's bytes; parquet: the "text"

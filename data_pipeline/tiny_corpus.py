@@ -21,23 +21,105 @@ from data_pipeline.errors import DataError
 from data_pipeline.order import MASK64, splitmix64
 from data_pipeline.prepare import PrepareConfig, prepare
 
-NAMES = ("Alice", "Bruno", "Chen", "Dana", "Emil", "Farah", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
-         "Mateo", "Nora", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wes", "Yara")
-CITIES = ("Oslo", "Lima", "Cairo", "Perth", "Quito", "Riga", "Seoul", "Tunis", "Dakar", "Hanoi", "Porto", "Minsk")
+NAMES = (
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dana",
+    "Emil",
+    "Farah",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Pia",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wes",
+    "Yara",
+)
+CITIES = (
+    "Oslo",
+    "Lima",
+    "Cairo",
+    "Perth",
+    "Quito",
+    "Riga",
+    "Seoul",
+    "Tunis",
+    "Dakar",
+    "Hanoi",
+    "Porto",
+    "Minsk",
+)
 JOBS = ("baker", "teacher", "pilot", "doctor", "farmer", "painter", "driver", "singer", "nurse", "miner")
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "gray", "orange", "purple")
 ANIMALS = ("cat", "dog", "horse", "rabbit", "parrot", "goat", "turtle", "fox", "owl", "duck")
 PETS = ("Pip", "Max", "Luna", "Bean", "Sky", "Rex", "Momo", "Taco", "Juno", "Ziggy", "Olive", "Basil")
-NOUNS = (("tree", "trees"), ("river", "rivers"), ("house", "houses"), ("book", "books"), ("boat", "boats"),
-         ("garden", "gardens"), ("bridge", "bridges"), ("window", "windows"), ("road", "roads"),
-         ("hill", "hills"), ("lamp", "lamps"), ("table", "tables"))
-ADJECTIVES = ("old", "small", "tall", "quiet", "bright", "cold", "warm", "long", "busy", "empty", "wide", "new")
-VERBS = (("sees", "see"), ("finds", "find"), ("paints", "paint"), ("likes", "like"), ("visits", "visit"),
-         ("cleans", "clean"), ("builds", "build"), ("watches", "watch"))
+NOUNS = (
+    ("tree", "trees"),
+    ("river", "rivers"),
+    ("house", "houses"),
+    ("book", "books"),
+    ("boat", "boats"),
+    ("garden", "gardens"),
+    ("bridge", "bridges"),
+    ("window", "windows"),
+    ("road", "roads"),
+    ("hill", "hills"),
+    ("lamp", "lamps"),
+    ("table", "tables"),
+)
+ADJECTIVES = (
+    "old",
+    "small",
+    "tall",
+    "quiet",
+    "bright",
+    "cold",
+    "warm",
+    "long",
+    "busy",
+    "empty",
+    "wide",
+    "new",
+)
+VERBS = (
+    ("sees", "see"),
+    ("finds", "find"),
+    ("paints", "paint"),
+    ("likes", "like"),
+    ("visits", "visit"),
+    ("cleans", "clean"),
+    ("builds", "build"),
+    ("watches", "watch"),
+)
 PREPOSITIONS = ("near", "behind", "under", "above", "beside", "across")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-           "twelve")
+NUMBERS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+)
 VOCAB_SIZE = 512
 SOURCE = "source/tiny_corpus.jsonl.zst"
 TOKENIZER = "tokenizer.model"
@@ -74,7 +156,11 @@ def _sentence(rng: Rng, person: dict) -> str:
     if kind == 3:
         start = rng.below(8)
         stop = start + 2 + rng.below(4)
-        return f"{name} counts from {NUMBERS[start]} to {NUMBERS[stop]}: " + ", ".join(NUMBERS[start : stop + 1]) + "."
+        return (
+            f"{name} counts from {NUMBERS[start]} to {NUMBERS[stop]}: "
+            + ", ".join(NUMBERS[start : stop + 1])
+            + "."
+        )
     if kind == 4:
         a = rng.below(7)
         b = rng.below(13 - a)
@@ -96,8 +182,12 @@ def _questions(rng: Rng, person: dict) -> list[str]:
 def document(rng: Rng) -> str:
     """One document: facts about a person, sentences of a small grammar, then questions on the facts."""
     person = {
-        "name": rng.pick(NAMES), "city": rng.pick(CITIES), "job": rng.pick(JOBS), "color": rng.pick(COLORS),
-        "animal": rng.pick(ANIMALS), "pet": rng.pick(PETS),
+        "name": rng.pick(NAMES),
+        "city": rng.pick(CITIES),
+        "job": rng.pick(JOBS),
+        "color": rng.pick(COLORS),
+        "animal": rng.pick(ANIMALS),
+        "pet": rng.pick(PETS),
     }
     sentences = [
         f"{person['name']} is a {person['job']} who lives in {person['city']}.",
@@ -134,9 +224,19 @@ def train_sentencepiece(path: str, texts: list[str], vocab_size: int = VOCAB_SIZ
     sentences = [sentence + "." for text in texts for sentence in text.split(". ") if sentence]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        num_threads=1, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, minloglevel=2,
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        num_threads=1,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=1,
+        pad_id=-1,
+        minloglevel=2,
     )
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
@@ -144,8 +244,16 @@ def train_sentencepiece(path: str, texts: list[str], vocab_size: int = VOCAB_SIZ
     os.replace(path + ".tmp", path)
 
 
-def make_tiny_corpus(out: str, docs: int = 4000, seed: int = 0, seq_len: int = 256, val_docs: int | None = None,
-                     shard_samples: int = 256, workers: int = 1, progress: bool = False) -> dict:
+def make_tiny_corpus(
+    out: str,
+    docs: int = 4000,
+    seed: int = 0,
+    seq_len: int = 256,
+    val_docs: int | None = None,
+    shard_samples: int = 256,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict:
     """Write the corpus and tokenizer into `out` and prepare it; return the manifest.
 
     The first `val_docs` documents (default docs // 20) form the validation split.
@@ -155,15 +263,23 @@ def make_tiny_corpus(out: str, docs: int = 4000, seed: int = 0, seq_len: int = 2
     write_jsonl_zst(source, texts)
     train_sentencepiece(tokenizer, texts)
     config = PrepareConfig(
-        inputs=[source], tokenizer=f"sentencepiece:{tokenizer}", seq_len=seq_len, out=out, workers=workers,
-        shard_samples=shard_samples, val_docs=max(1, docs // 20) if val_docs is None else val_docs, seed=seed,
+        inputs=[source],
+        tokenizer=f"sentencepiece:{tokenizer}",
+        seq_len=seq_len,
+        out=out,
+        workers=workers,
+        shard_samples=shard_samples,
+        val_docs=max(1, docs // 20) if val_docs is None else val_docs,
+        seed=seed,
         progress=progress,
     )
     return prepare(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.tiny_corpus", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.tiny_corpus", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--docs", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)

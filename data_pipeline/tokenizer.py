@@ -58,7 +58,9 @@ class TiktokenTokenizer:
         self.name = name
         self.vocab_size = encoding.n_vocab
         if eos_token not in encoding._special_tokens:
-            raise TokenizerError(f"tokenizer {spec}: no end-of-document token {eos_token!r} in its special tokens")
+            raise TokenizerError(
+                f"tokenizer {spec}: no end-of-document token {eos_token!r} in its special tokens"
+            )
         self.eos_id = encoding._special_tokens[eos_token]
         self.vocab_hash = _hash_tiktoken(encoding)
 
@@ -168,7 +170,10 @@ def check_tokenizer(tokenizer: Tokenizer, expected: dict, where: str) -> None:
 
 def write_tiktoken_file(path: str | os.PathLike, mergeable_ranks: dict[bytes, int]) -> None:
     """Write ranks in tiktoken's file format (one `base64(token) rank` line per token, by rank)."""
-    lines = [f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(mergeable_ranks.items(), key=_rank)]
+    lines = [
+        f"{base64.b64encode(tok).decode()} {rank}\n"
+        for tok, rank in sorted(mergeable_ranks.items(), key=_rank)
+    ]
     Path(path).write_text("".join(lines))
 
 

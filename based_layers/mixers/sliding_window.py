@@ -86,9 +86,10 @@ class SlidingWindowAttention(nn.Module):
         values = torch.cat([state["v"].to(v.dtype), v], dim=1)
         past_ok = (stored >= 0) & (stored >= (pos_now - self.window).unsqueeze(1))
         mask = torch.cat([past_ok, torch.ones(batch, 1, dtype=torch.bool, device=x.device)], dim=1)
-        scores = torch.einsum("bhd,bshd->bhs", q[:, 0].float(), keys.float()) * self.head_dim**-0.5
+        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        scores = torch.einsum("bhd,bshd->bhs", q[:, 0].to(acc), keys.to(acc)) * self.head_dim**-0.5
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        o = torch.einsum("bhs,bshd->bhd", scores.softmax(-1), values.float()).to(v.dtype)
+        o = torch.einsum("bhs,bshd->bhd", scores.softmax(-1), values.to(acc)).to(v.dtype)
         slot = pos_now % self.window
         rows = torch.arange(batch, device=x.device)
         new_k, new_v, new_pos = state["k"].clone(), state["v"].clone(), stored.clone()

@@ -1,0 +1,37 @@
+"""Kernel tests: Triton's CPU interpreter when there is no GPU, and NaN-filled kernel outputs."""
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+import kernels._common
+
+TRITON_MODULES = ("kernels.taylor_linear_attn.triton_impl", "kernels.sliding_window.triton_impl",
+                  "kernels.short_conv.triton_impl")
+
+
+def _decorate_for_interpreter() -> None:
+    """(Re)import the Triton modules so that their @triton.jit functions are interpreted ones.
+
+    triton.jit picks the interpreter when the decorator runs, so a module imported earlier in this
+    process without TRITON_INTERPRET=1 must be reloaded.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for name in TRITON_MODULES:
+        module = sys.modules.get(name) or importlib.import_module(name)
+        if not isinstance(module._fwd_kernel, InterpretedFunction):
+            importlib.reload(module)
+
+
+@pytest.fixture(autouse=True)
+def kernel_test_env(monkeypatch):
+    """Every kernel output starts as NaN (unwritten elements fail); no GPU -> TRITON_INTERPRET=1."""
+    monkeypatch.setattr(kernels._common, "FILL_OUTPUTS_WITH_NAN", True)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        _decorate_for_interpreter()
+    torch.manual_seed(0)
+    yield
