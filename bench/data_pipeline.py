@@ -4,7 +4,10 @@
     python bench/data_pipeline.py --tokenizer tiktoken:gpt2 --input pile/00.jsonl.zst   # on a real machine
 
 Prepare: MB/s of input text and tokens/s, total and per worker, for each --workers value, plus the
-tokenizer alone on one core (so the pipeline's own cost is visible). Without --input the text is English
+tokenizer alone on one core (so the pipeline's own cost is visible). Worker processes are spawned and
+import torch (through webdataset), a one-time cost of seconds; `steady_*` subtracts it (measured
+separately), and `main_process_ceiling_tokens_per_s` is where the single main process (read, pack,
+order) would cap the pipeline with unlimited workers. Without --input the text is English
 prose from Python's bundled documentation (pydoc_data.topics, repeated to --text-mb), written as
 jsonl.zst. Without --tokenizer (GPT-2's file is not available offline here) it is tiktoken with GPT-2's
 split pattern and a byte-level BPE of --vocab ranks trained on that text with `tokenizers`.
@@ -102,6 +105,22 @@ def bench_tokenizer(spec: str, docs: list[str]) -> dict:
     }
 
 
+def pool_startup_seconds(spec: str, workers: int) -> float:
+    """Wall time to spawn `workers` processes that import the pipeline and load the tokenizer."""
+    import multiprocessing
+
+    from data_pipeline.prepare import _init_worker
+
+    if workers == 1:
+        return 0.0
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(
+        workers, initializer=_init_worker, initargs=(spec,)
+    ) as pool:
+        pool.map(abs, range(workers), chunksize=1)
+        return time.perf_counter() - start
+
+
 def bench_prepare(source: str, spec: str, workers: int, seq_len: int, folder: str) -> dict:
     config = PrepareConfig(
         inputs=[source],
@@ -112,10 +131,11 @@ def bench_prepare(source: str, spec: str, workers: int, seq_len: int, folder: st
         shard_samples=1024,
         progress=False,
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     manifest = prepare(config)
-    seconds = time.perf_counter() - start
+    seconds, main_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     train = manifest["splits"]["train"]
+    startup = pool_startup_seconds(spec, workers)
     return {
         "bench": "prepare",
         "workers": workers,
@@ -124,6 +144,10 @@ def bench_prepare(source: str, spec: str, workers: int, seq_len: int, folder: st
         "tokens_per_s": train["input_tokens"] / seconds,
         "tokens_per_s_per_worker": train["input_tokens"] / seconds / workers,
         "shards": len(train["shards"]),
+        "pool_startup_s": startup,
+        "steady_tokens_per_s": train["input_tokens"] / (seconds - startup),
+        "main_process_cpu_s": main_cpu,
+        "main_process_ceiling_tokens_per_s": train["input_tokens"] / main_cpu if workers > 1 else None,
     }
 
 
@@ -188,19 +212,40 @@ def bench_loader(folder: str, micro_batch: int, seconds: float, num_workers: int
     }
 
 
+def provenance() -> dict:
+    """Machine, Python, date and git revision of this run."""
+    import datetime
+    import platform
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    )
+    return {
+        "bench": "meta",
+        "date": datetime.date.today().isoformat(),
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "git": revision.stdout.strip() or "unknown",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", help="a corpus file (default: generated English prose)")
     parser.add_argument("--tokenizer", help="tokenizer spec (default: tiktoken, GPT-2 pattern, trained BPE)")
-    parser.add_argument("--text-mb", type=float, default=16.0)
+    parser.add_argument("--text-mb", type=float, default=64.0)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--loader-mb", type=float, default=200.0)
     parser.add_argument("--loader-seconds", type=float, default=10.0)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0])
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
+    print(json.dumps(provenance()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         docs = english_documents(args.text_mb) if args.input is None else None
         source = args.input or os.path.join(tmp, "english.jsonl.zst")
@@ -216,6 +261,7 @@ def main() -> None:
                 result["text_MB"] = text_mb
                 result["MB_per_s"] = text_mb / result["seconds"]
                 result["MB_per_s_per_worker"] = result["MB_per_s"] / workers
+                result["steady_MB_per_s"] = text_mb / (result["seconds"] - result["pool_startup_s"])
             print(json.dumps(result), flush=True)
         folder = os.path.join(tmp, "synthetic")
         os.makedirs(folder)

@@ -22,21 +22,30 @@ from based_layers import build_model
 from pretrain.config import load_config
 from pretrain.flops import training_flops_per_token
 
-CONFIGS = {"based": "configs/based_1b_50b.yaml", "attn": "configs/attn_1b_50b.yaml", "mamba": "configs/mamba_1b_50b.yaml"}
+CONFIGS = {
+    "based": "configs/based_1b_50b.yaml",
+    "attn": "configs/attn_1b_50b.yaml",
+    "mamba": "configs/mamba_1b_50b.yaml",
+}
 PEAK = 989e12
 
 
 def measure(arch: str, batch: int, steps: int, warmup: int, backend: str, compile_model: bool) -> dict:
     overrides = []
     if arch == "based":
-        overrides = [f"model.linear_attn.backend={backend}", f"model.sliding_window.backend={backend}",
-                     f"model.base_conv.backend={backend}"]
+        overrides = [
+            f"model.linear_attn.backend={backend}",
+            f"model.sliding_window.backend={backend}",
+            f"model.base_conv.backend={backend}",
+        ]
     if arch == "mamba":
         try:
             import mamba_ssm  # noqa: F401
         except ImportError:
-            raise RuntimeError("mamba-ssm is not installed here; the reference scan is a sequential loop over "
-                               "time and gives no meaningful throughput") from None
+            raise RuntimeError(
+                "mamba-ssm is not installed here; the reference scan is a sequential loop over "
+                "time and gives no meaningful throughput"
+            ) from None
         overrides = ["model.mamba.backend=mamba_ssm"]
     cfg = load_config(CONFIGS[arch], overrides)
     torch.manual_seed(0)
@@ -68,9 +77,17 @@ def measure(arch: str, batch: int, steps: int, warmup: int, backend: str, compil
     elapsed = (time.perf_counter() - t0) / steps
     tps = batch * seq / elapsed
     flops = training_flops_per_token(cfg.model, seq)
-    return {"arch": arch, "backend": backend if arch == "based" else "-", "batch": batch, "seq_len": seq,
-            "ms_per_step": elapsed * 1e3, "tokens_per_s": tps, "mfu": flops * tps / PEAK,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": model.num_parameters()}
+    return {
+        "arch": arch,
+        "backend": backend if arch == "based" else "-",
+        "batch": batch,
+        "seq_len": seq,
+        "ms_per_step": elapsed * 1e3,
+        "tokens_per_s": tps,
+        "mfu": flops * tps / PEAK,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "params": model.num_parameters(),
+    }
 
 
 def main() -> None:
@@ -91,19 +108,27 @@ def main() -> None:
         except Exception as err:  # report the failure in the table instead of losing the other rows
             rows.append({"arch": arch, "error": f"{type(err).__name__}: {str(err)[:200]}"})
         torch.cuda.empty_cache()
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "git": rev, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
-    attn_tps = next((r["tokens_per_s"] for r in rows if r.get("arch") == "attn" and "tokens_per_s" in r), None)
+    attn_tps = next(
+        (r["tokens_per_s"] for r in rows if r.get("arch") == "attn" and "tokens_per_s" in r), None
+    )
     print(f"device {result['device']}, batch {args.batch} x 2048, bf16 autocast, fused AdamW")
-    print(f"{'arch':6s} {'backend':9s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'vs attn':>8s} {'mem GiB':>8s}")
+    print(
+        f"{'arch':6s} {'backend':9s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'vs attn':>8s} {'mem GiB':>8s}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['arch']:6s} error: {r['error']}")
             continue
         ratio = f"{r['tokens_per_s'] / attn_tps:.2f}x" if attn_tps else "-"
-        print(f"{r['arch']:6s} {r['backend']:9s} {r['ms_per_step']:9.1f} {r['tokens_per_s']:10.0f} "
-              f"{r['mfu']:6.1%} {ratio:>8s} {r['peak_mem_gib']:8.1f}")
+        print(
+            f"{r['arch']:6s} {r['backend']:9s} {r['ms_per_step']:9.1f} {r['tokens_per_s']:10.0f} "
+            f"{r['mfu']:6.1%} {ratio:>8s} {r['peak_mem_gib']:8.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ order it sees). Document starts are marked with `‖`. Exit status 1 on any prob
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -20,6 +21,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import SampleStore
 from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.order import GlobalOrder
+from data_pipeline.readers import is_local
 from data_pipeline.tokenizer import check_tokenizer, load_tokenizer
 
 DOC_MARK = "‖"
@@ -48,7 +50,7 @@ def summary(manifest: Manifest) -> str:
 
 def show(manifest: Manifest, split: str, position: int, seed: int, tokenizer_spec: str | None) -> str:
     """Sample at stream position `position` of `split` under `seed`, decoded document by document."""
-    tokenizer = load_tokenizer(tokenizer_spec or manifest.tokenizer["spec"])
+    tokenizer = load_tokenizer(tokenizer_spec or _recorded_spec(manifest))
     check_tokenizer(tokenizer, manifest.tokenizer, manifest.where)
     store = SampleStore(manifest, split)
     order = GlobalOrder(store.num_samples, seed, shuffle=split == "train")
@@ -62,6 +64,21 @@ def show(manifest: Manifest, split: str, position: int, seed: int, tokenizer_spe
     ]
     header = f"{split} position {position} (epoch {position // store.num_samples}) = sample {index}:"
     return header + "\n" + DOC_MARK.join(pieces)
+
+
+def _recorded_spec(manifest: Manifest) -> str:
+    """The manifest's tokenizer spec; a file that moved with a local data folder is found inside it."""
+    spec = manifest.tokenizer["spec"]
+    kind, _, path = spec.partition(":")
+    beside = os.path.join(manifest.data_dir, os.path.basename(path))
+    if (
+        os.path.sep in path
+        and not os.path.exists(path)
+        and is_local(manifest.data_dir)
+        and os.path.isfile(beside)
+    ):
+        return f"{kind}:{beside}"
+    return spec
 
 
 def main(argv: list[str] | None = None) -> int:

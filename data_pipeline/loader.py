@@ -136,9 +136,10 @@ class _MicroBatches(Dataset):
         )
         return first + np.arange(self.micro_batch_size, dtype=np.int64)
 
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens [m, T+1], is_start [m, T+1] and sample indices [m] of micro-batch k."""
         indices = self.order.samples(self.positions(k))
-        return make_batch(*self.store.read(indices), indices)
+        return (*self.store.read(indices), indices)
 
 
 class _CountFrom(Sampler):
@@ -154,20 +155,30 @@ class _CountFrom(Sampler):
 def _iterate(
     dataset: Dataset, start: int, stop: int | None, num_workers: int, prefetch_factor: int, pin_memory: bool
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """dataset[start], dataset[start+1], ... in order, built by num_workers processes (0: inline)."""
+    """Batches of dataset[start], dataset[start+1], ... in order, read by num_workers processes (0: inline).
+
+    Workers send compact numpy samples (uint16 tokens, bits) through the pipe; the int64 tensors are made
+    here, which costs less than torch's shared-memory transfer of the larger tensors.
+    """
     if num_workers == 0:
-        for k in _CountFrom(start, stop):
-            yield dataset[k]
-        return
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        sampler=_CountFrom(start, stop),
-        num_workers=num_workers,
-        prefetch_factor=prefetch_factor,
-        pin_memory=pin_memory,
-    )
-    yield from loader
+        samples = (dataset[k] for k in _CountFrom(start, stop))
+    else:
+        samples = DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=_CountFrom(start, stop),
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor,
+            collate_fn=_as_is,
+        )
+    pin = pin_memory and torch.cuda.is_available()
+    for sample in samples:
+        batch = make_batch(*sample)
+        yield {key: value.pin_memory() for key, value in batch.items()} if pin else batch
+
+
+def _as_is(sample: object) -> object:
+    return sample
 
 
 class GlobalOrderLoader:
@@ -198,6 +209,7 @@ class GlobalOrderLoader:
         _check_shards(self.manifest, split, verify_checksums)
         self.store = SampleStore(self.manifest, split, max_cached_shards)
         self.order = GlobalOrder(self.store.num_samples, seed)
+        self.fingerprint = self.manifest.fingerprint()
         self._base = 0
         self._micro_done = 0
         self._generation = 0
@@ -252,13 +264,13 @@ class GlobalOrderLoader:
             "epoch": consumed // self.samples_per_epoch,
             "seed": self.seed,
             "split": self.split,
-            "data_fingerprint": self.manifest.fingerprint(),
+            "data_fingerprint": self.fingerprint,
             "global_batch_size": self.global_batch_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at state["consumed_samples"]; LoaderStateError if it is for other data, split or seed."""
-        expected = {"seed": self.seed, "split": self.split, "data_fingerprint": self.manifest.fingerprint()}
+        expected = {"seed": self.seed, "split": self.split, "data_fingerprint": self.fingerprint}
         for key, value in expected.items():
             if key in state and state[key] != value:
                 raise LoaderStateError(

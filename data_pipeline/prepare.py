@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import fcntl
 import glob
 import hashlib
@@ -86,7 +87,11 @@ class SplitPlan:
 
 
 def prepare(config: PrepareConfig) -> dict:
-    """Run (or resume) a prepare; return the manifest. Raises DataError subclasses on bad input."""
+    """Run (or resume) a prepare; return the manifest. Raises DataError subclasses on bad input.
+
+    With workers > 1 the worker processes are spawned, so a script calling this must do so under
+    `if __name__ == "__main__":` (as for any multiprocessing code).
+    """
     _check_config(config)
     tokenizer = load_tokenizer(config.tokenizer)
     inputs = expand_inputs(config.inputs)
@@ -100,7 +105,7 @@ def prepare(config: PrepareConfig) -> dict:
             return done
         store = _StateStore(config.out, settings["settings_hash"])
         layout = RecordLayout.build(config.seq_len, settings["token_dtype"])
-        with _TokenizerPool(tokenizer, config.workers) as pool:
+        with _WorkerPool(tokenizer, config.workers) as pool:
             for plan in _plans(config, inputs, val_inputs):
                 _SplitRun(plan, config, layout, store, pool).run()
         manifest = _manifest(settings, layout, store.state["splits"], config)
@@ -292,28 +297,46 @@ class _Chunk:
     raws: list[object]
 
 
-class _SplitRun:
-    """Packs one split's documents into shards, checkpointing after every shard."""
+@dataclass
+class _ShardJob:
+    """A shard being written by a worker, and the checkpoint that becomes durable with it."""
 
-    def __init__(self, plan, config, layout, store: _StateStore, pool: _TokenizerPool):
+    name: str
+    result: _Result
+    checkpoint: tuple[dict, dict[str, np.ndarray]] | None = None
+
+
+class _SplitRun:
+    """Packs one split's documents into shards; a checkpoint is saved once its shards are on disk.
+
+    `state` holds the counters of everything processed; `durable` is the last saved checkpoint.
+    Shards are written by the worker pool (in the background) and renamed in order by this process.
+    """
+
+    def __init__(self, plan, config, layout, store: _StateStore, pool: _WorkerPool):
         self.plan, self.config, self.layout, self.store, self.pool = plan, config, layout, store, pool
-        self.state = store.state["splits"].setdefault(plan.name, _new_split_state())
+        self.durable = store.state["splits"].setdefault(plan.name, _new_split_state())
+        self.state = copy.deepcopy(self.durable)
         self.packer = Packer(layout.sample_tokens, layout.dtype)
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_count = 0
+        self.jobs: collections.deque[_ShardJob] = collections.deque()
+        self.written: dict[str, dict] = {}
 
     def run(self) -> None:
         if self.state["complete"]:
             return
         self._restore()
         self.bar = _Progress(self.plan.name, self.config.progress, self.state)
-        for chunk, (lengths, tokens, problems) in self.pool.map(self._chunks()):
+        for chunk, (lengths, tokens, problems) in self.pool.map(_tokenize_chunk, self._chunks()):
             offset = 0
             for item, position in enumerate(chunk.positions):
                 shards_before = len(self.state["shards"])
-                offset += self._handle(chunk, item, position, lengths[item], tokens, offset, problems)
+                offset += self._handle(item, position, lengths[item], tokens, offset, problems)
                 if len(self.state["shards"]) > shards_before:
-                    self._checkpoint(position)
+                    self.jobs[-1].checkpoint = self._snapshot(position)
+                    self._collect(block=True, keep=self.pool.max_background_writes)
+            self._collect(block=False)
             self.bar.update(len(chunk.positions))
         self._finish()
 
@@ -322,8 +345,7 @@ class _SplitRun:
         for input_index, record_index, global_index, raw in self._selected():
             fmt = self.plan.inputs[input_index].fmt
             if chunk is not None and (
-                fmt != chunk.fmt
-                or chunk.positions[-1][0] != input_index
+                chunk.positions[-1][0] != input_index
                 or len(chunk.raws) >= self.config.chunk_records
                 or size >= self.config.chunk_bytes
             ):
@@ -346,8 +368,8 @@ class _SplitRun:
                 yield (*position[:2], global_index, position[2])
             global_index += 1
 
-    def _handle(self, chunk, item, position, length, tokens, offset, problems) -> int:
-        """Count or pack record `item` of `chunk`; return how many tokens of `tokens` it used."""
+    def _handle(self, item, position, length, tokens, offset, problems) -> int:
+        """Count or pack record `item` of a chunk; return how many of the chunk's tokens it used."""
         self.state["records"] += 1
         if length == BLANK_CODE:
             self.state["blank_lines"] += 1
@@ -377,29 +399,27 @@ class _SplitRun:
             self.pending.append((tokens, is_start))
             self.pending_count += len(tokens)
         while self.pending_count >= self.config.shard_samples:
-            self._write_shard(self.config.shard_samples)
+            self._cut_shard(self.config.shard_samples)
 
-    def _write_shard(self, count: int) -> None:
+    def _cut_shard(self, count: int) -> None:
+        """Send the first `count` pending samples to a worker as the next shard."""
         tokens = np.concatenate([t for t, _ in self.pending])
         is_start = np.concatenate([s for _, s in self.pending])
-        index = len(self.state["shards"])
-        name = f"{self.plan.name}-{index:06d}.tar"
-        path = os.path.join(self.config.out, name)
-        info = write_shard(
-            path + ".tmp", self.layout, self.state["samples"], tokens[:count], is_start[:count]
-        )
-        os.replace(path + ".tmp", path)
+        name = f"{self.plan.name}-{len(self.state['shards']):06d}.tar"
+        path = os.path.join(self.config.out, name + ".tmp")
+        args = (path, self.layout, self.state["samples"], tokens[:count], is_start[:count])
+        self.jobs.append(_ShardJob(name, self.pool.submit(_write_shard_task, args)))
         self.state["shards"].append(
-            {"name": name, "samples": count, "tokens": count * self.layout.sample_tokens, **info}
+            {"name": name, "samples": count, "tokens": count * self.layout.sample_tokens}
         )
         self.state["samples"] += count
         self.pending = [(tokens[count:], is_start[count:])] if count < len(tokens) else []
         self.pending_count = len(tokens) - count
 
-    def _checkpoint(self, position: tuple[int, int, int]) -> None:
-        """Save the state as of just after record `position`."""
-        self.state["next"] = [position[0], position[1] + 1, position[2] + 1]
-        self.state["checkpoints"] += 1
+    def _snapshot(self, position: tuple[int, int, int]) -> tuple[dict, dict[str, np.ndarray]]:
+        """The state as of just after record `position`, and the samples not yet in a shard."""
+        state = copy.deepcopy(self.state)
+        state["next"] = [position[0], position[1] + 1, position[2] + 1]
         partial_tokens, partial_starts = self.packer.carry()
         width = self.layout.sample_tokens
         pending = self.pending or [(np.zeros((0, width), self.layout.dtype), np.zeros((0, width), bool))]
@@ -409,19 +429,37 @@ class _SplitRun:
             "partial_tokens": partial_tokens,
             "partial_starts": partial_starts,
         }
-        old = self.state["carry"]
-        self.state["carry"] = self.store.save_carry(
-            f"{self.plan.name}-carry-{self.state['checkpoints']:06d}", arrays
-        )
+        return state, arrays
+
+    def _collect(self, block: bool, keep: int = 0) -> None:
+        """Finish shard writes in order (rename, then save the checkpoint that waited for them)."""
+        while len(self.jobs) > keep and (block or self.jobs[0].result.ready()):
+            job = self.jobs.popleft()
+            self.written[job.name] = job.result.get()
+            path = os.path.join(self.config.out, job.name)
+            os.replace(path + ".tmp", path)
+            if job.checkpoint is not None:
+                self._persist(*job.checkpoint)
+
+    def _persist(self, state: dict, arrays: dict[str, np.ndarray] | None) -> None:
+        """Make `state` (whose shards are all written) and its carry arrays the durable checkpoint."""
+        for shard in state["shards"]:
+            if "sha256" not in shard:
+                shard.update(self.written[shard["name"]])
+        state["checkpoints"] = self.durable["checkpoints"] + 1
+        carry = f"{self.plan.name}-carry-{state['checkpoints']:06d}"
+        state["carry"] = self.store.save_carry(carry, arrays) if arrays is not None else None
+        old = self.durable["carry"]
+        self.durable = self.store.state["splits"][self.plan.name] = state
         self.store.save()
         if old:
             self.store.remove(old)
 
     def _restore(self) -> None:
         """Continue from the last checkpoint: its pending samples and partial sample."""
-        if self.state["carry"] is None:
+        if self.durable["carry"] is None:
             return
-        arrays = self.store.load_carry(self.state["carry"])
+        arrays = self.store.load_carry(self.durable["carry"])
         if len(arrays["pending_tokens"]):
             self.pending = [(arrays["pending_tokens"], arrays["pending_starts"])]
             self.pending_count = len(arrays["pending_tokens"])
@@ -437,18 +475,17 @@ class _SplitRun:
                 f"{sum(self.state['skipped'].values())} skipped)"
             )
         if self.pending_count:
-            self._write_shard(self.pending_count)
+            self._cut_shard(self.pending_count)
+        self._collect(block=True)
         if not self.state["shards"]:
             raise EmptyInputError(
                 f"the {self.plan.name} split has {self.state['input_tokens']} tokens, fewer than one sample of "
                 f"{self.layout.sample_tokens}; give more input or a smaller --seq-len"
             )
-        self.state["dropped_tail_tokens"] = self.packer.fill
-        self.state["complete"] = True
-        old, self.state["carry"] = self.state["carry"], None
-        self.store.save()
-        if old:
-            self.store.remove(old)
+        final = copy.deepcopy(self.state)
+        final["dropped_tail_tokens"] = self.packer.fill
+        final["complete"] = True
+        self._persist(final, None)
 
 
 class _Progress:
@@ -475,14 +512,27 @@ class _Progress:
         self.bar.close()
 
 
-class _TokenizerPool:
-    """Tokenizes chunks in worker processes (or inline for one worker), results in submission order."""
+class _Result:
+    """The result of a task run inline (the interface of multiprocessing's AsyncResult)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self):
+        return self.value
+
+
+class _WorkerPool:
+    """Runs tokenize and shard-write tasks in `workers` processes (inline for one worker)."""
 
     def __init__(self, tokenizer: Tokenizer, workers: int):
         self.tokenizer, self.workers = tokenizer, workers
         self.pool = None
 
-    def __enter__(self) -> _TokenizerPool:
+    def __enter__(self) -> _WorkerPool:
         global _WORKER_TOKENIZER
         _WORKER_TOKENIZER = self.tokenizer
         if self.workers > 1:
@@ -495,15 +545,22 @@ class _TokenizerPool:
             self.pool.terminate()
             self.pool.join()
 
-    def map(self, chunks: Iterator[_Chunk]) -> Iterator[tuple[_Chunk, tuple]]:
-        """Yield (chunk, tokenize result) in order, with at most 4 chunks per worker in flight."""
+    @property
+    def max_background_writes(self) -> int:
+        """Shards that may be in flight at once (each holds its samples in memory)."""
+        return 0 if self.pool is None else self.workers
+
+    def submit(self, function: Callable, args: tuple) -> _Result:
+        """Start `function(*args)`; the result has `ready()` and `get()`."""
         if self.pool is None:
-            for chunk in chunks:
-                yield chunk, _tokenize_chunk(chunk.fmt, chunk.raws)
-            return
+            return _Result(function(*args))
+        return self.pool.apply_async(function, args)
+
+    def map(self, function: Callable, items: Iterator) -> Iterator[tuple[object, object]]:
+        """Yield (item, function(item.fmt, item.raws)) in order, at most 4 items per worker in flight."""
         in_flight: collections.deque = collections.deque()
-        for chunk in chunks:
-            in_flight.append((chunk, self.pool.apply_async(_tokenize_chunk, (chunk.fmt, chunk.raws))))
+        for item in items:
+            in_flight.append((item, self.submit(function, (item.fmt, item.raws))))
             if len(in_flight) >= 4 * self.workers:
                 done, result = in_flight.popleft()
                 yield done, result.get()
@@ -548,6 +605,12 @@ def _tokenize_chunk(
             pieces.append(ids)
     tokens = np.array(list(itertools.chain.from_iterable(pieces)), np.uint32)
     return lengths, tokens, problems
+
+
+def _write_shard_task(
+    path: str, layout: RecordLayout, first: int, tokens: np.ndarray, is_start: np.ndarray
+) -> dict:
+    return write_shard(path, layout, first, tokens, is_start)
 
 
 def _manifest(settings: dict, layout: RecordLayout, splits: dict, config: PrepareConfig) -> dict:

@@ -17,112 +17,35 @@ import json
 import os
 import sys
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, PrepareStateError
+from data_pipeline.manifest import MANIFEST, write_json_atomic
 from data_pipeline.order import MASK64, splitmix64
 from data_pipeline.prepare import PrepareConfig, prepare
 
-NAMES = (
-    "Alice",
-    "Bruno",
-    "Chen",
-    "Dana",
-    "Emil",
-    "Farah",
-    "Gus",
-    "Hana",
-    "Ivan",
-    "Jade",
-    "Kofi",
-    "Lena",
-    "Mateo",
-    "Nora",
-    "Omar",
-    "Pia",
-    "Quinn",
-    "Rosa",
-    "Sami",
-    "Tara",
-    "Umar",
-    "Vera",
-    "Wes",
-    "Yara",
+NAMES = tuple(
+    "Alice Bruno Chen Dana Emil Farah Gus Hana Ivan Jade Kofi Lena Mateo Nora Omar Pia Quinn Rosa Sami Tara Umar Vera Wes Yara".split()
 )
-CITIES = (
-    "Oslo",
-    "Lima",
-    "Cairo",
-    "Perth",
-    "Quito",
-    "Riga",
-    "Seoul",
-    "Tunis",
-    "Dakar",
-    "Hanoi",
-    "Porto",
-    "Minsk",
+CITIES = tuple("Oslo Lima Cairo Perth Quito Riga Seoul Tunis Dakar Hanoi Porto Minsk".split())
+JOBS = tuple("baker teacher pilot doctor farmer painter driver singer nurse miner".split())
+COLORS = tuple("red blue green yellow black white brown gray orange purple".split())
+ANIMALS = tuple("cat dog horse rabbit parrot goat turtle fox owl duck".split())
+PETS = tuple("Pip Max Luna Bean Sky Rex Momo Taco Juno Ziggy Olive Basil".split())
+NOUNS = tuple(
+    (noun, noun + "s")
+    for noun in "tree river house book boat garden bridge window road hill lamp table".split()
 )
-JOBS = ("baker", "teacher", "pilot", "doctor", "farmer", "painter", "driver", "singer", "nurse", "miner")
-COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "gray", "orange", "purple")
-ANIMALS = ("cat", "dog", "horse", "rabbit", "parrot", "goat", "turtle", "fox", "owl", "duck")
-PETS = ("Pip", "Max", "Luna", "Bean", "Sky", "Rex", "Momo", "Taco", "Juno", "Ziggy", "Olive", "Basil")
-NOUNS = (
-    ("tree", "trees"),
-    ("river", "rivers"),
-    ("house", "houses"),
-    ("book", "books"),
-    ("boat", "boats"),
-    ("garden", "gardens"),
-    ("bridge", "bridges"),
-    ("window", "windows"),
-    ("road", "roads"),
-    ("hill", "hills"),
-    ("lamp", "lamps"),
-    ("table", "tables"),
+ADJECTIVES = tuple("old small tall quiet bright cold warm long busy empty wide new".split())
+VERBS = tuple(
+    (verb + "es" if verb.endswith("ch") else verb + "s", verb)
+    for verb in "see find paint like visit clean build watch".split()
 )
-ADJECTIVES = (
-    "old",
-    "small",
-    "tall",
-    "quiet",
-    "bright",
-    "cold",
-    "warm",
-    "long",
-    "busy",
-    "empty",
-    "wide",
-    "new",
-)
-VERBS = (
-    ("sees", "see"),
-    ("finds", "find"),
-    ("paints", "paint"),
-    ("likes", "like"),
-    ("visits", "visit"),
-    ("cleans", "clean"),
-    ("builds", "build"),
-    ("watches", "watch"),
-)
-PREPOSITIONS = ("near", "behind", "under", "above", "beside", "across")
-DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-NUMBERS = (
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-)
+PREPOSITIONS = tuple("near behind under above beside across".split())
+DAYS = tuple("Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split())
+NUMBERS = tuple("zero one two three four five six seven eight nine ten eleven twelve".split())
 VOCAB_SIZE = 512
 SOURCE = "source/tiny_corpus.jsonl.zst"
 TOKENIZER = "tokenizer.model"
+RECIPE = "tiny_corpus.json"
 
 
 class Rng:
@@ -256,12 +179,33 @@ def make_tiny_corpus(
 ) -> dict:
     """Write the corpus and tokenizer into `out` and prepare it; return the manifest.
 
-    The first `val_docs` documents (default docs // 20) form the validation split.
+    The first `val_docs` documents (default docs // 20) form the validation split. A folder already made
+    with the same arguments is returned as it is; one made with others is an error (nothing is touched).
     """
+    val_docs = max(1, docs // 20) if val_docs is None else val_docs
+    recipe = {
+        "docs": docs,
+        "seed": seed,
+        "seq_len": seq_len,
+        "val_docs": val_docs,
+        "shard_samples": shard_samples,
+    }
+    recipe_path, manifest_path = os.path.join(out, RECIPE), os.path.join(out, MANIFEST)
+    if os.path.exists(recipe_path):
+        with open(recipe_path) as f:
+            existing = json.load(f)
+        if existing != recipe:
+            raise PrepareStateError(
+                f"{out} holds a tiny corpus made with {existing}, not {recipe}; delete it first"
+            )
+        if os.path.exists(manifest_path):
+            with open(manifest_path) as f:
+                return json.load(f)
     texts = generate_documents(docs, seed)
-    source, tokenizer = os.path.join(out, SOURCE), os.path.join(out, TOKENIZER)
+    source, tokenizer = os.path.join(out, SOURCE), os.path.abspath(os.path.join(out, TOKENIZER))
     write_jsonl_zst(source, texts)
     train_sentencepiece(tokenizer, texts)
+    write_json_atomic(recipe_path, recipe)
     config = PrepareConfig(
         inputs=[source],
         tokenizer=f"sentencepiece:{tokenizer}",
@@ -269,7 +213,7 @@ def make_tiny_corpus(
         out=out,
         workers=workers,
         shard_samples=shard_samples,
-        val_docs=max(1, docs // 20) if val_docs is None else val_docs,
+        val_docs=val_docs,
         seed=seed,
         progress=progress,
     )

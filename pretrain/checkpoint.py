@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain.config import CheckpointConfig
+from pretrain.tensor_parallel import checkpoint_view
 
 log = logging.getLogger(__name__)
 # single-process runs save and load with DCP without a process group, which DCP warns about every time
@@ -135,6 +136,25 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         group["lr"] = lr
 
 
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "transformer.embeddings.word_embeddings.weight"
+
+
+def _renamed(state: dict, old: str, new: str) -> dict:
+    return {new if key == old else key: value for key, value in state.items()}
+
+
+def _optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list, bool]:
+    """(optimizer state by parameter name, param_groups, whether a tied head's state was renamed).
+
+    A tied head and the embedding are one parameter, whose state one process files under the embedding's
+    name; a pipeline's last stage holds it as `lm_head.weight` only, so it is filed under the same name.
+    """
+    full = get_optimizer_state_dict(model, optimizer)
+    state = full["state"]
+    rename = getattr(getattr(model, "cfg", None), "tie_embeddings", False) and TIED_HEAD in state
+    return (_renamed(state, TIED_HEAD, TIED_EMBEDDING) if rename else state), full["param_groups"], rename
+
+
 class Checkpointer:
     """Saves and finds checkpoints of one run; keeps the last K plus every Nth."""
 
@@ -156,7 +176,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)["state"]}
+        state = {"model": get_model_state_dict(model), "optim": _optim_state(model, optimizer)[0]}
+        state = checkpoint_view(model, state)
         (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(rng_state()))
         if async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp))
@@ -255,15 +276,16 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         _init_optimizer_state(optimizer)
-        template = get_optimizer_state_dict(model, optimizer)
-        state["optim"] = template["state"]
+        state["optim"], param_groups, renamed = _optim_state(model, optimizer)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))
+        # the view's tensors are views of `state`'s: loading into it fills `state`
+        dcp.load(checkpoint_view(model, state), storage_reader=SafeFileSystemReader(str(folder)))
     except Exception as err:  # DCP raises several types; name the folder whatever it was
         raise CheckpointError(f"{folder}: could not be loaded: {err}") from err
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": template["param_groups"]})
+        optim = _renamed(state["optim"], TIED_EMBEDDING, TIED_HEAD) if renamed else state["optim"]
+        set_optimizer_state_dict(model, optimizer, {"state": optim, "param_groups": param_groups})
     rng_file = folder / f"rng_rank{_rank()}.json"
     if restore_rng and rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))

@@ -62,6 +62,8 @@ class ParallelConfig:
     pp: int = 1
     pp_schedule: str = "1f1b"
     virtual_stages: int = 1
+    # layers per pipeline stage (one entry per stage); empty = balanced by the FLOPs model
+    pp_stage_layers: list[int] = field(default_factory=list)
     fsdp: bool = False
     activation_checkpoint: bool = False
     compile: bool = False

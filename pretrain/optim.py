@@ -17,12 +17,15 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     classes only, so the RMSNorm weights are decayed; `false` is the clean choice.
     """
     no_decay_ids: set[int] = set()
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             is_norm = type(module).__name__ == "RMSNorm"
             if (name == "bias" or isinstance(module, nn.Embedding) or name in ("A_log", "D")
                     or (is_norm and not cfg.decay_norm_weights)):
                 no_decay_ids.add(id(param))
+    # a tied head is the embedding matrix; a pipeline's last stage holds it without the Embedding module
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False) and getattr(model, "lm_head", None) is not None:
+        no_decay_ids.add(id(model.lm_head.weight))
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from based_layers import build_model
 from data_pipeline.loader import GlobalOrderLoader, ValidationLoader
@@ -27,7 +27,7 @@ from pretrain.distributed import DistInfo, all_reduce_max, all_reduce_mean, seed
 from pretrain.flops import training_flops_per_token
 from pretrain.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
 from pretrain.optim import build_optimizer, lr_at, set_lr
-from pretrain.parallelize import parallelize, unwrap
+from pretrain.parallelize import batch_to_device, check_layout, parallelize, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,27 @@ class NonFiniteError(RuntimeError):
 
 
 class SignalFlag:
-    """First SIGTERM/SIGUSR1: checkpoint at the next step boundary and exit 0. Second: exit at once."""
+    """First SIGTERM/SIGUSR1: checkpoint at the next step boundary and exit 0. Second: exit at once.
 
-    def __init__(self) -> None:
+    A repeat within `debounce_s` of the first is the same request delivered twice (Slurm sends TERM both to
+    the step and to its tasks), not a second one.
+    """
+
+    def __init__(self, debounce_s: float = 2.0) -> None:
         self.received: int | None = None
+        self.debounce_s = debounce_s
+        self._first_at = 0.0
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is not None:
-            import os
-
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._first_at = signum, now
+        elif now - self._first_at > self.debounce_s:
             os._exit(128 + signum)
-        self.received = signum
 
 
 @dataclass
@@ -71,6 +77,7 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)
+        check_layout(cfg, self.derived)
         model = build_model(cfg.model).to(dist_info.device)
         self.model = parallelize(model, cfg, self.derived, dist_info)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim, dist_info.device)
@@ -86,7 +93,7 @@ class Trainer:
     def _train_loader(self) -> GlobalOrderLoader:
         d = self.cfg.data
         return GlobalOrderLoader(d.path, split="train", global_batch_size=d.global_batch_size,
-                                 micro_batch_size=d.micro_batch_size, dp_rank=self.dist.rank % self.derived.dp,
+                                 micro_batch_size=d.micro_batch_size, dp_rank=self.model.dp_rank,
                                  dp_size=self.derived.dp, seed=d.seed, num_workers=d.num_workers)
 
     def _autocast(self):
@@ -95,13 +102,9 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _forward_loss(self, batch: dict) -> torch.Tensor:
-        dev = self.dist.device
-        input_ids = batch["input_ids"].to(dev, non_blocking=True)
-        labels = batch["labels"].to(dev, non_blocking=True)
-        doc_ids = batch["doc_ids"].to(dev) if self.cfg.data.reset_state_at_doc_boundaries else None
-        with self._autocast():
-            logits = self.model(input_ids, doc_ids=doc_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        """Mean loss of one batch (forward only; every rank gets the value under any layout)."""
+        on_device = batch_to_device(batch, self.dist.device, self.cfg.data.reset_state_at_doc_boundaries)
+        return self.model.loss(on_device, autocast=self._autocast)
 
     def resume(self) -> None:
         """Load the checkpoint that `checkpoint.resume` names: auto = newest valid in the run folder."""
@@ -131,19 +134,13 @@ class Trainer:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
         t1 = time.perf_counter()
-        total = torch.zeros((), device=self.dist.device)
-        for i, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if i == accum - 1 or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
-                loss = self._forward_loss(batch) / accum
-                if self.state.step in self.cfg.debug.nan_loss_at_steps and i == 0:
-                    loss = loss * float("nan")
-                loss.backward()
-            total += loss.detach()
+        docs = self.cfg.data.reset_state_at_doc_boundaries
+        on_device = [batch_to_device(b, self.dist.device, docs) for b in micro]
+        poison = self.state.step in self.cfg.debug.nan_loss_at_steps
+        total = self.model.forward_backward(on_device, autocast=self._autocast, poison=poison)
         t2 = time.perf_counter()
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self.model.clip_grad_norm_(max_norm)
         loss_value = float(all_reduce_mean(total))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         lr = lr_at(self.state.step, self.cfg.optim.lr, self.cfg.schedule)
@@ -170,7 +167,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         d = self.cfg.data
-        loader = ValidationLoader(d.path, batch_size=self.derived.val_batch_size, dp_rank=self.dist.rank % self.derived.dp,
+        loader = ValidationLoader(d.path, batch_size=self.derived.val_batch_size, dp_rank=self.model.dp_rank,
                                   dp_size=self.derived.dp, max_samples=d.val_max_samples)
         self.model.eval()
         total, count = torch.zeros((), device=self.dist.device), 0

@@ -1,10 +1,21 @@
-"""Shared test setup: repository root on sys.path, deterministic torch."""
+"""Shared test setup: repository root on sys.path, one thread per op, the tiny corpus fixture."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_data")
+    subprocess.run([sys.executable, "-m", "data_pipeline.tiny_corpus", "--out", str(out), "--seq-len", "128"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return out

@@ -55,5 +55,5 @@ def leaves(tensors, dtype):
 
 def grads(outputs, inputs, cotangents):
     """d(sum_i <outputs_i, cotangents_i>)/d inputs, computed in each input's own precision path."""
-    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents))
+    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents, strict=True))
     return torch.autograd.grad(loss, inputs)

@@ -44,7 +44,7 @@ def test_forward_and_gradients_match_float64(shape, dtype, docs):
     assert o.dtype == dtype
     assert_close("o", o, o_ref, dtype)
     do = torch.randn_like(o_ref)
-    for name, g, g_ref in zip("qkv", grads([o], [q, k, v], [do]), grads([o_ref], [q64, k64, v64], [do])):
+    for name, g, g_ref in zip("qkv", grads([o], [q, k, v], [do]), grads([o_ref], [q64, k64, v64], [do]), strict=True):
         assert_close(f"d{name}", g, g_ref, dtype)
 
 
@@ -70,7 +70,7 @@ def test_state_in_and_out_with_segments(dtype, seg):
     cot = [torch.randn_like(o_ref), 0.01 * torch.randn_like(kv_ref), 0.01 * torch.randn_like(ks_ref)]
     got = grads([o, kv, ks], [q, k, v, kv0, ks0], cot)
     want = grads([o_ref, kv_ref, ks_ref], [q64, k64, v64, kv64, ks64], cot)
-    for name, g, g_ref in zip(["dq", "dk", "dv", "d_kv0", "d_k_sum0"], got, want):
+    for name, g, g_ref in zip(["dq", "dk", "dv", "d_kv0", "d_k_sum0"], got, want, strict=True):
         assert_close(name, g, g_ref, dtype)
 
 
@@ -108,10 +108,10 @@ def test_chunked_reference_matches_quadratic_with_gradients():
     ref = taylor_linear_attention_quadratic(q, k, v, doc_ids=doc_ids, initial_state=(kv0, ks0),
                                             output_final_state=True)
     flat, flat_ref = [out[0], *out[1]], [ref[0], *ref[1]]
-    for a, e in zip(flat, flat_ref):
+    for a, e in zip(flat, flat_ref, strict=True):
         assert_close("reference", a, e, torch.float32, scale=1e-3)
     cot = [torch.randn_like(x) for x in flat_ref]
-    for g, g_ref in zip(grads(flat, [q, k, v, kv0, ks0], cot), grads(flat_ref, [q, k, v, kv0, ks0], cot)):
+    for g, g_ref in zip(grads(flat, [q, k, v, kv0, ks0], cot), grads(flat_ref, [q, k, v, kv0, ks0], cot), strict=True):
         assert_close("reference grad", g, g_ref, torch.float32, scale=1e-3)
 
 

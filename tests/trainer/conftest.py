@@ -1,4 +1,4 @@
-"""Fixtures for trainer tests: the tiny generated corpus (made once per session) and a run helper."""
+"""Helpers for trainer tests: the training command, its environment, metrics read back."""
 
 import json
 import os
@@ -6,17 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_data")
-    subprocess.run([sys.executable, "-m", "data_pipeline.tiny_corpus", "--out", str(out), "--seq-len", "128"],
-                   cwd=ROOT, check=True, capture_output=True)
-    return out
 
 
 def train_cmd(config: str, data: Path, run_dir: Path, *overrides: str) -> list[str]:

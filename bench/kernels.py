@@ -1,0 +1,405 @@
+"""Kernel benchmark on one CUDA GPU: our Triton kernels against peers and the computed floor.
+
+    python bench/kernels.py [--out results.json] [--sweep] [--skip-peers] [--only la,swa,conv,decode]
+
+bf16, B*T = 32,768 tokens, 16 heads. Linear attention (feature dim 16) at value head dims 64 (360M),
+112 (1.3B) and 128 (the shape measured in docs/../measured_h100); sliding window at head dims 64, 112, 128;
+T = 2048, 4096, 8192. Times are medians of triton.testing.do_bench (ms); "f+b" is forward plus backward
+(torch.autograd.grad of the output with a random cotangent). The floor is max(FLOPs / measured bf16
+matmul rate, bytes / measured copy bandwidth) per pass, with the FLOPs of the algorithm our kernels run
+(273 features, 64-token chunks) and each tensor read or written once.
+FLA peers need fla-core (pip install fla-core==0.6.0); flex_attention needs torch >= 2.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOKENS = 32768
+HEADS = 16
+FEATURE_DIM = 16
+SEQLENS = (2048, 4096, 8192)
+LA_SHAPES = (("360M", 64), ("1.3B", 112), ("dv128", 128))
+# (name, head dim, window, sequence lengths): the measured d128 window-64 shape at every T, the models at 2048
+SWA_SHAPES = (("d128", 128, 64, SEQLENS), ("360M", 64, 128, (2048,)), ("1.3B", 112, 128, (2048,)))
+CONV_SHAPES = (("360M", 2048), ("1.3B", 3584))
+CHUNK = 64
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def measure_ceilings() -> dict:
+    """Device-to-device copy bandwidth (read + write bytes) and the bf16 8192^3 matmul rate."""
+    src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_ms = bench_ms(lambda: a @ b)
+    return {"bandwidth_Bps": 2 * 2**30 / (copy_ms * 1e-3), "matmul_flops": 2 * 8192**3 / (mm_ms * 1e-3)}
+
+
+def floor_ms(flops: float, nbytes: float, ceil: dict) -> float:
+    return 1e3 * max(flops / ceil["matmul_flops"], nbytes / ceil["bandwidth_Bps"])
+
+
+def la_floor(n: int, dv: int, ceil: dict) -> tuple[float, float]:
+    """n token-heads. Forward: readout + update (4 NF Dv) and the intra-chunk block; backward: state
+    recompute, dq readout, dv, dk and dS update (10 NF Dv) and the intra-chunk grads."""
+    nf = 1 + FEATURE_DIM + FEATURE_DIM**2
+    f = FEATURE_DIM
+    fwd = floor_ms(n * (4 * nf * dv + 2 * CHUNK * (f + dv)), n * 2 * (2 * f + 2 * dv), ceil)
+    bwd = floor_ms(n * (10 * nf * dv + 2 * CHUNK * (4 * f + 3 * dv)), n * 2 * (4 * f + 4 * dv), ceil)
+    return fwd, fwd + bwd
+
+
+def swa_floor(n: int, d: int, window: int, ceil: dict) -> tuple[float, float]:
+    """Forward: q, k, v, o once; forward+backward: q, k, v, o, dO, dQ, dK, dV once (the issue's floor)."""
+    keys = window + 1
+    fwd = floor_ms(n * 4 * keys * d, n * 2 * 4 * d, ceil)
+    total = floor_ms(n * 14 * keys * d, n * 2 * 8 * d, ceil)
+    return fwd, total
+
+
+def conv_floor(tokens: int, channels: int, ceil: dict) -> tuple[float, float]:
+    """Forward: u1, u2, y; forward+backward adds dy, du1, du2 and re-reads u1, u2."""
+    per = tokens * channels * 2
+    return floor_ms(0, 3 * per, ceil), floor_ms(0, 8 * per, ceil)
+
+
+def fwd_and_fwdbwd(fn, inputs, out_grad=None):
+    """Times of fn(*inputs) and of forward + torch.autograd.grad w.r.t. the float inputs that require grad."""
+    with torch.no_grad():
+        fwd = bench_ms(lambda: fn(*inputs))
+    diff = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    out = fn(*inputs)
+    cot = torch.randn_like(out) if out_grad is None else out_grad
+
+    def step():
+        torch.autograd.grad(fn(*inputs), diff, cot)
+
+    return fwd, bench_ms(step)
+
+
+def try_time(label: str, fn, *args, **kwargs):
+    try:
+        return fwd_and_fwdbwd(fn, *args, **kwargs)
+    except Exception as err:  # a peer that fails at a shape is reported, not fatal
+        print(f"  [{label}] failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+        return None
+
+
+def la_inputs(batch, seqlen, dv):
+    q = torch.randn(batch, seqlen, HEADS, FEATURE_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, seqlen, HEADS, FEATURE_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, seqlen, HEADS, dv, device="cuda", dtype=torch.bfloat16)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def sdpa_inputs(batch, seqlen, d):
+    return [
+        torch.randn(batch, HEADS, seqlen, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    ]
+
+
+def sdpa_causal(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def bench_linear_attention(ceil, peers: bool, rows: list, la_config: dict) -> None:
+    from kernels.taylor_linear_attn.triton_impl import taylor_linear_attention_triton
+
+    fla = _import_fla() if peers else None
+    for name, dv in LA_SHAPES:
+        for seqlen in _seqlens():
+            batch = TOKENS // seqlen
+            row = {"op": "linear_attn", "shape": f"{name} H16 F16 Dv{dv}", "T": seqlen, "B": batch}
+            row["floor"] = la_floor(TOKENS * HEADS, dv, ceil)
+            inputs = la_inputs(batch, seqlen, dv)
+            row["ours"] = try_time(
+                "ours", lambda q, k, v: taylor_linear_attention_triton(q, k, v, **la_config), inputs
+            )
+            if fla is not None:
+                row["fla_fused_chunk"] = try_time("fla fused_chunk", fla.fused_chunk_based, inputs)
+                row["fla_parallel"] = try_time("fla parallel", fla.parallel_based, inputs)
+            if peers:
+                row["sdpa_causal"] = try_time("sdpa", sdpa_causal, sdpa_inputs(batch, seqlen, dv))
+            _report(row, rows)
+
+
+def _seqlens() -> tuple[int, ...]:
+    return SEQLENS
+
+
+def bench_sliding_window(ceil, peers: bool, rows: list, swa_config: dict) -> None:
+    from kernels.sliding_window.triton_impl import sliding_window_attention_triton
+
+    fla = _import_fla() if peers else None
+    for name, d, window, seqlens in SWA_SHAPES:
+        for seqlen in seqlens:
+            batch = TOKENS // seqlen
+            row = {"op": f"swa w{window}", "shape": f"{name} H16 D{d}", "T": seqlen, "B": batch}
+            row["floor"] = swa_floor(TOKENS * HEADS, d, window, ceil)
+            q, k, v = (
+                torch.randn(batch, seqlen, HEADS, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+                for _ in range(3)
+            )
+            row["ours"] = try_time(
+                "ours",
+                lambda q, k, v, w=window: sliding_window_attention_triton(q, k, v, window=w, **swa_config),
+                [q, k, v],
+            )
+            if peers:
+                row["flex"] = try_time(
+                    "flex", _flex_window(batch, seqlen, window), sdpa_inputs(batch, seqlen, d)
+                )
+                if fla is not None:
+                    # FLA's window counts the query itself: window_size = previous tokens + 1
+                    row["fla_parallel_attn"] = try_time(
+                        "fla parallel_attn",
+                        lambda q, k, v, w=window: fla.parallel_attn(q, k, v, window_size=w + 1),
+                        [q, k, v],
+                    )
+            _report(row, rows)
+
+
+def bench_short_conv(ceil, rows: list) -> None:
+    from kernels.short_conv import short_conv_gated, short_conv_gated_reference
+
+    seqlen = 2048
+    batch = TOKENS // seqlen
+    for name, channels in CONV_SHAPES:
+        row = {"op": "short_conv", "shape": f"{name} C{channels} K3", "T": seqlen, "B": batch}
+        row["floor"] = conv_floor(TOKENS, channels, ceil)
+        u = torch.randn(batch, seqlen, 2 * channels, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        w = torch.randn(channels, 3, device="cuda").requires_grad_()
+        row["ours"] = try_time("ours", lambda u, w: short_conv_gated(*u.chunk(2, -1), w), [u, w])
+        row["torch_eager"] = try_time(
+            "torch", lambda u, w: short_conv_gated_reference(*u.chunk(2, -1), w), [u, w]
+        )
+        _report(row, rows)
+
+
+def bench_decode(ceil, rows: list) -> None:
+    """One decode step at batch 64 (state-bandwidth-bound): fused Triton step vs the PyTorch reference."""
+    from kernels.taylor_linear_attn import taylor_linear_attention_step
+
+    batch, dv = 64, 112
+    nf = 1 + FEATURE_DIM + FEATURE_DIM**2
+    q = torch.randn(batch, HEADS, FEATURE_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn_like(q)
+    v = torch.randn(batch, HEADS, dv, device="cuda", dtype=torch.bfloat16)
+    kv = torch.zeros(batch, HEADS, nf, dv, device="cuda")
+    ks = torch.zeros(batch, HEADS, nf, device="cuda")
+    state_bytes = 2 * 4 * batch * HEADS * nf * (dv + 1)
+    row = {
+        "op": "la decode step",
+        "shape": f"B{batch} H16 Dv{dv}",
+        "T": 1,
+        "B": batch,
+        "floor": (floor_ms(0, state_bytes, ceil), float("nan")),
+    }
+    for label, backend in (("ours", "triton"), ("torch_eager", "reference")):
+        with torch.no_grad():
+            ms = bench_ms(lambda b=backend: taylor_linear_attention_step(q, k, v, kv, ks, backend=b))
+        row[label] = (ms, float("nan"))
+    _report(row, rows)
+
+
+def _flex_window(batch, seqlen, window):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+    # each shape compiles twice (grad mode on and off); the default limit of 8 recompiles made flex fall
+    # back to its unfused path (37 ms) for the last shape of the first run
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    mask = create_block_mask(sliding, B=None, H=None, Q_LEN=seqlen, KV_LEN=seqlen, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask)
+
+
+def _import_fla():
+    try:
+        from fla.ops.attn import parallel_attn
+        from fla.ops.based import fused_chunk_based, parallel_based
+    except Exception as err:
+        print(f"fla-core not importable ({err}); FLA columns stay empty", flush=True)
+        return None
+
+    class Fla:
+        pass
+
+    fla = Fla()
+    fla.fused_chunk_based, fla.parallel_based, fla.parallel_attn = (
+        fused_chunk_based,
+        parallel_based,
+        parallel_attn,
+    )
+    return fla
+
+
+PEER_COLUMNS = ("fla_fused_chunk", "fla_parallel", "fla_parallel_attn", "flex", "sdpa_causal", "torch_eager")
+
+
+def _fmt(pair) -> str:
+    if pair is None:
+        return "-"
+    return " / ".join("-" if math.isnan(x) else f"{x:.3f}" for x in pair)
+
+
+def _report(row: dict, rows: list) -> None:
+    rows.append(row)
+    ours = row.get("ours")
+    parts = [
+        f"{row['op']:<15} {row['shape']:<22} T={row['T']:<5} ours {_fmt(ours)}  floor {_fmt(row['floor'])}"
+    ]
+    for col in PEER_COLUMNS:
+        if col in row:
+            parts.append(f"{col} {_fmt(row[col])}")
+    print("  ".join(parts), flush=True)
+
+
+def markdown_table(rows: list) -> str:
+    """One table: times as fwd / f+b in ms; ratios are peer f+b over ours f+b and ours f+b over the floor."""
+    head = ["op", "shape", "B x T", "ours fwd / f+b", "floor fwd / f+b", "ours/floor (f+b)"]
+    head += [f"{c} fwd / f+b (x ours)" for c in PEER_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        ours = row.get("ours")
+        key = 1 if ours is not None and not math.isnan(ours[1]) else 0
+        cells = [row["op"], row["shape"], f"{row['B']}x{row['T']}", _fmt(ours), _fmt(row["floor"])]
+        cells.append(
+            f"{ours[key] / row['floor'][key]:.2f}" if ours and not math.isnan(row["floor"][key]) else "-"
+        )
+        for col in PEER_COLUMNS:
+            peer = row.get(col)
+            if peer is None or ours is None:
+                cells.append(_fmt(peer) if peer else "")
+            else:
+                cells.append(f"{_fmt(peer)} ({peer[key] / ours[key]:.1f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep(ceil) -> tuple[dict, dict]:
+    """Time a few block configurations at one shape per kernel; return the fastest of each."""
+    from kernels.sliding_window.triton_impl import sliding_window_attention_triton
+    from kernels.taylor_linear_attn.triton_impl import taylor_linear_attention_triton
+
+    best = {}
+    batch, seqlen, dv = 8, 4096, 112
+    inputs = la_inputs(batch, seqlen, dv)
+    results = []
+    for cfg in (
+        {"block_v": 64, "num_warps": 4},
+        {"block_v": 64, "num_warps": 8},
+        {"block_v": 32, "num_warps": 4},
+        {"block_v": 128, "num_warps": 8},
+        {"chunk_size": 32, "block_v": 64, "num_warps": 4},
+    ):
+        t = try_time(f"la {cfg}", lambda q, k, v, c=cfg: taylor_linear_attention_triton(q, k, v, **c), inputs)
+        print(f"  sweep la Dv{dv} T{seqlen} {cfg}: {_fmt(t)}", flush=True)
+        if t is not None:
+            results.append((t[1], cfg))
+    best["la"] = min(results, key=lambda r: r[0])[1] if results else {}
+    q, k, v = (
+        torch.randn(batch, seqlen, HEADS, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    )
+    results = []
+    for cfg in (
+        {"block_m": 64, "block_n": 64, "num_warps": 4},
+        {"block_m": 128, "block_n": 64, "num_warps": 8},
+        {"block_m": 64, "block_n": 32, "num_warps": 4},
+        {"block_m": 128, "block_n": 32, "num_warps": 8},
+    ):
+        t = try_time(
+            f"swa {cfg}",
+            lambda q, k, v, c=cfg: sliding_window_attention_triton(q, k, v, window=64, **c),
+            [q, k, v],
+        )
+        print(f"  sweep swa D128 W64 T{seqlen} {cfg}: {_fmt(t)}", flush=True)
+        if t is not None:
+            results.append((t[1], cfg))
+    best["swa"] = min(results, key=lambda r: r[0])[1] if results else {}
+    print(f"best: {best}", flush=True)
+    return best.get("la", {}), best.get("swa", {})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write rows and ceilings as JSON here")
+    parser.add_argument("--sweep", action="store_true", help="pick block sizes by a short sweep first")
+    parser.add_argument("--skip-peers", action="store_true", help="time only our kernels")
+    parser.add_argument("--only", default="la,swa,conv,decode", help="comma list of sections")
+    parser.add_argument("--seqlens", default=None, help="comma list of T (default 2048,4096,8192)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    start = time.time()
+    ceil = measure_ceilings()
+    device = torch.cuda.get_device_name()
+    print(
+        f"{device}: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul_flops'] / 1e12:.0f} "
+        f"TFLOP/s; torch {torch.__version__}",
+        flush=True,
+    )
+    la_config, swa_config = sweep(ceil) if args.sweep else ({}, {})
+    if args.seqlens:
+        global SEQLENS
+        SEQLENS = tuple(int(t) for t in args.seqlens.split(","))
+    rows: list = []
+    sections = set(args.only.split(","))
+    peers = not args.skip_peers
+    try:
+        if "la" in sections:
+            bench_linear_attention(ceil, peers, rows, la_config)
+        if "swa" in sections:
+            bench_sliding_window(ceil, peers, rows, swa_config)
+        if "conv" in sections:
+            bench_short_conv(ceil, rows)
+        if "decode" in sections:
+            bench_decode(ceil, rows)
+    except Exception:
+        traceback.print_exc()
+    finally:
+        print(markdown_table(rows))
+        print(f"elapsed {time.time() - start:.0f} s")
+        if args.out:
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "device": device,
+                        "torch": torch.__version__,
+                        "ceilings": ceil,
+                        "la_config": la_config,
+                        "swa_config": swa_config,
+                        "rows": rows,
+                    },
+                    indent=1,
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()

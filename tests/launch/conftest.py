@@ -1,0 +1,166 @@
+"""Fixtures for the launcher tests: the tiny corpus, a fake `sbatch`, and a real one-node Slurm cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
+PACKAGES_UNAVAILABLE = 3
+
+# Short deterministic CPU runs: 1 process, 16 x 128 tokens per step, no validation, checkpoints every 10 steps.
+FAST = [
+    "checkpoint.interval=10",
+    "logging.val_interval=0",
+    "logging.log_interval=1",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "deterministic=true",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("launch_tiny_data")
+    subprocess.run(
+        [sys.executable, "-m", "data_pipeline.tiny_corpus", "--out", str(out), "--seq-len", "128"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def run_overrides(data: Path, run_dir: Path, max_steps: int) -> list[str]:
+    return [
+        f"data.path={data}",
+        f"run_dir={run_dir}",
+        f"schedule.max_steps={max_steps}",
+        f"schedule.warmup_steps={min(5, max_steps)}",
+        *FAST,
+    ]
+
+
+def last_loss(run_dir: Path) -> tuple[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    row = [r for r in rows if "train/loss" in r][-1]
+    return row["step"], row["train/loss"]
+
+
+def metric_rows(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def launch_env(log_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(
+        os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def fake_slurm(tmp_path) -> tuple[Path, Path]:
+    """A folder with stub `sbatch` (records its arguments, prints job id 4242) and `sinfo` (answers).
+
+    Returns (bin folder, record file); put the folder first on PATH."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    record = tmp_path / "sbatch_calls.txt"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{record}"\necho 4242\n')
+    (bin_dir / "sinfo").write_text("#!/bin/sh\necho debug\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir, record
+
+
+@pytest.fixture
+def no_slurm(tmp_path) -> Path:
+    """A folder with `sbatch` and `sinfo` stubs that fail like an unconfigured Slurm; put it first on PATH."""
+    bin_dir = tmp_path / "noslurm"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ntouch "{tmp_path}/sbatch_called"\nexit 1\n')
+    (bin_dir / "sinfo").write_text(
+        "#!/bin/sh\necho 'sinfo: fatal: Could not establish a configuration source' >&2\nexit 1\n"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir
+
+
+@pytest.fixture
+def make_venv(tmp_path) -> Path:
+    """A VENV for `make` whose python is this interpreter and whose setup is done (no pip install)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()
+    return venv
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict[str, str]:
+    """Install (apt-get), configure and start slurmctld + slurmd + munged on localhost; stop them afterwards.
+
+    Yields the environment for Slurm commands (SLURM_CONF). Skips only when the packages cannot be installed."""
+    state = os.environ.get("SLURM_TEST_DIR", "/tmp/based-slurm-test")
+    env = dict(os.environ, SLURM_TEST_DIR=state)
+    started = time.monotonic()
+    result = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600
+    )
+    if result.returncode == PACKAGES_UNAVAILABLE:
+        pytest.skip(f"Slurm packages cannot be installed here: {result.stderr.strip()}")
+    if result.returncode != 0:
+        pytest.fail(f"the local Slurm cluster did not start (exit {result.returncode}):\n{result.stderr}")
+    print(f"local Slurm cluster up in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    try:
+        yield {"SLURM_CONF": f"{state}/slurm.conf"}
+    finally:
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+
+
+class Slurm:
+    """Helpers for a job on the test cluster."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        result = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed: {result.stderr}")
+        return result.stdout
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, Reason, ...)."""
+        out = self.run("scontrol", "show", "job", "--oneliner", job_id)
+        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def wait_for(self, job_id: str, states: set[str], timeout: float, release_requeued: bool = False) -> dict:
+        """Poll until the job reaches one of `states`. Slurm holds a requeued job for about 2 minutes
+        (Reason=BeginTime); with `release_requeued` the test starts it at once."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info["JobState"] in states:
+                return info
+            if release_requeued and info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+                self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s: {self.job(job_id)}")
+
+
+@pytest.fixture(scope="session")
+def slurm(slurm_cluster) -> Slurm:
+    return Slurm(dict(os.environ, **slurm_cluster))

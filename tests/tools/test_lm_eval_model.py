@@ -1,0 +1,115 @@
+"""The lm-eval model `based_pretrain` on small local tasks (no downloads): loglikelihood, rolling, generate_until."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TASKS = """
+task: tiny_recall_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+---
+task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: 0
+metric_list:
+  - metric: acc
+---
+task: tiny_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{context}}}} {{{{answer}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+"""
+
+DOCS = [
+    {"context": "Alice lives in Oslo. Bruno lives in Lima. Alice lives in", "answer": "Oslo",
+     "choices": [" Oslo", " Lima", " Cairo"]},
+    {"context": "her cat is called Pip. his dog is called Max. her cat is called", "answer": "Pip",
+     "choices": [" Pip", " Max"]},
+    {"context": "one two three four five six seven", "answer": "eight", "choices": [" eight", " nine", " ten"]},
+]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    for i, text in enumerate(TASKS.strip().split("---")):
+        (root / f"task{i}.yaml").write_text(text.strip().format(data=data) + "\n")
+    return root
+
+
+def test_simple_evaluate_native_and_export(task_dir, native_runs, tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import tools.lm_eval_model  # noqa: F401  (registers based_pretrain)
+    from tools.export_hf import export
+
+    manager = TaskManager(include_path=str(task_dir))
+    tasks = ["tiny_recall_gen", "tiny_choice", "tiny_rolling"]
+    native = lm_eval.simple_evaluate(model="based_pretrain", model_args=f"pretrained={native_runs['based']}",
+                                     tasks=tasks, task_manager=manager, batch_size=2, device="cpu")
+    res = native["results"]
+    assert 0.0 <= res["tiny_recall_gen"]["exact_match,none"] <= 1.0
+    assert 0.0 <= res["tiny_choice"]["acc,none"] <= 1.0
+    assert math.isfinite(res["tiny_rolling"]["word_perplexity,none"])
+
+    out = tmp_path / "export"
+    export(native_runs["based"], out)
+    exported = lm_eval.simple_evaluate(model="based_pretrain", model_args=f"pretrained={out}", tasks=tasks,
+                                       task_manager=manager, batch_size=3, device="cpu")
+    for task in tasks:
+        for key, value in res[task].items():
+            if isinstance(value, float) and "stderr" not in key:
+                assert exported["results"][task][key] == pytest.approx(value, rel=1e-5), (task, key)
+
+
+def test_loglikelihood_matches_a_direct_forward(native_runs):
+    from tools.lm_eval_model import BasedPretrainLM
+
+    lm = BasedPretrainLM(pretrained=str(native_runs["attn"]), batch_size=3)
+    reqs = [((d["context"], c), *lm._encode_pair(d["context"], c)) for d in DOCS for c in d["choices"]]
+    batched = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    lm.batch_size = 1
+    single = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(batched, single, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    (_, ctx, cont) = reqs[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.tensor([ctx + cont]))[0, :, :lm.vocab_size], -1)
+    direct = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+    assert batched[0][0] == pytest.approx(direct, abs=1e-4)

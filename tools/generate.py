@@ -1,0 +1,358 @@
+"""Text generation with the recurrent step forms: `python tools/generate.py --checkpoint PATH --prompt TEXT`.
+
+The prompt runs once through the parallel form (`LanguageModel.prefill`); every new token then runs
+through `LanguageModel.step`: a constant-size state for Based (linear-attention state, conv tails, a
+ring buffer of the window) and Mamba (conv + SSM state), a KV cache for attention.
+
+Batches are left-padded. The pads form their own document (`doc_ids` 0, the prompt 1), so every
+recurrent state, the window, the KV cache and the RoPE positions restart at the first prompt token:
+no pad token reaches the state, and a padded row produces what it would alone.
+
+On CUDA, the decode step can run as a CUDA graph (`--cuda-graph auto`, the default there): the state
+lives in static buffers that the graph updates in place. Attention layers then use a preallocated KV
+cache (`StaticKVAttention`), one graph per 128-token bucket of cache length.
+
+CHECKPOINT is a run folder or checkpoint folder of the trainer, a folder written by
+tools/export_hf.py, or a published-format folder (config.json + pytorch_model.bin / model.safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from based_layers.mixers.attention import CausalSelfAttention  # noqa: E402
+
+ATTENTION_BUCKET = 128
+
+
+@dataclass
+class Sampling:
+    """temperature 0 = greedy (argmax); otherwise softmax(logits / temperature) after top-k and top-p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits [B, V] (fp32) -> token ids [B]."""
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        logits = logits / self.temperature
+        if self.top_k > 0:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            # drop a token when the tokens before it already hold top_p of the mass (the first always stays)
+            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Generation:
+    """tokens: the new tokens of each row (up to and including eos); logits: [B, new, V] fp32 when kept."""
+
+    tokens: list[list[int]]
+    logits: torch.Tensor | None = None
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """-> input_ids [B, L], doc_ids [B, L] (0 on pads, 1 on the prompt) or None when nothing is padded."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    docs = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        docs[row, length - len(prompt):] = 1
+    padded = any(len(p) != length for p in prompts)
+    return ids.to(device), (docs.to(device) if padded else None)
+
+
+def doc_ids_from_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, T] 0/1 mask -> doc ids [B, T] (a new id wherever the mask changes: each run of pads is its own
+    document), or None when there is no mask or it is all ones. Same rule as the exported modeling code."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    mask = attention_mask.long()
+    change = torch.zeros_like(mask)
+    change[:, 1:] = (mask[:, 1:] != mask[:, :-1]).long()
+    return change.cumsum(dim=1)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None,
+             eos_id: int | None = None, pad_id: int = 0, vocab_size: int | None = None,
+             generator: torch.Generator | None = None, cuda_graph: bool = False, keep_logits: bool = False,
+             stop_at_eos: bool = True, should_stop=None, check_every: int = 4) -> Generation:
+    """Generate `max_new_tokens` per prompt (fewer for a row that emits `eos_id`).
+
+    should_stop(rows: list[list[int]]) -> bool, called every `check_every` tokens with the new tokens so
+    far, ends generation early (lm-eval's stop strings).
+
+    model: a based_layers LanguageModel (eval mode, any device/dtype). prompts: token ids per row.
+    vocab_size: logits beyond it (padded vocabulary rows) are never sampled (default: model.cfg.vocab_size).
+    """
+    sampling = sampling or Sampling()
+    device = next(model.parameters()).device
+    vocab = vocab_size or model.cfg.vocab_size
+    input_ids, doc_ids = left_pad(prompts, pad_id, device)
+    batch = input_ids.shape[0]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    logits, state = model.prefill(input_ids, doc_ids=doc_ids)
+    last = _upcast(logits[:, -1, :vocab])
+    sync()
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with _decoder(model, state, batch, input_ids.shape[1] + max_new_tokens, cuda_graph) as step:
+        out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+        kept = [] if keep_logits else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        produced = 0
+        for t in range(max_new_tokens):
+            if kept is not None:
+                kept.append(last)
+            token = sampling.pick(last, generator)
+            if eos_id is not None and stop_at_eos:
+                token = torch.where(finished, torch.full_like(token, pad_id), token)
+                finished |= token == eos_id
+            out[:, t] = token
+            produced = t + 1
+            if t + 1 == max_new_tokens or (eos_id is not None and stop_at_eos and bool(finished.all())):
+                break
+            if should_stop is not None and (t + 1) % check_every == 0 and should_stop(out[:, : t + 1].tolist()):
+                break
+            last = _upcast(step(token)[:, :vocab])
+    sync()
+    decode_s = time.perf_counter() - start
+    rows = out[:, :produced].tolist()
+    if eos_id is not None and stop_at_eos:
+        rows = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    logits_out = torch.stack(kept, dim=1) if kept is not None else None
+    return Generation(rows, logits_out, prefill_s, decode_s, {"batch": batch, "prompt_len": input_ids.shape[1]})
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (fp64 stays fp64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+@contextlib.contextmanager
+def _decoder(model, state, batch: int, capacity: int, cuda_graph: bool):
+    """Yields step(token [B]) -> logits [B, V]; eager, or CUDA graphs over static buffers."""
+    if not cuda_graph:
+        holder = {"state": state}
+
+        def eager(token: torch.Tensor) -> torch.Tensor:
+            logits, holder["state"] = model.step(token, holder["state"])
+            return logits
+
+        yield eager
+        return
+    with static_attention(model, state, capacity) as static_state:
+        yield StaticStep(model, static_state, batch, use_graphs=True)
+
+
+class StaticKVAttention(nn.Module):
+    """Decode-time stand-in for a CausalSelfAttention: a preallocated KV cache written in place.
+
+    State: k, v [B, C, H, Dh] (C = capacity), valid [B, C] bool, length [] long (entries used), next [B]
+    (position of the next token). `limit` (a Python int, a multiple of ATTENTION_BUCKET) is how much of the
+    cache the step reads; a CUDA graph is captured per limit.
+    """
+
+    def __init__(self, inner: CausalSelfAttention) -> None:
+        super().__init__()
+        self.inner = inner
+        self.limit = ATTENTION_BUCKET
+
+    @staticmethod
+    def from_prefill(state: dict, capacity: int) -> dict:
+        batch, length, heads, dim = state["k"].shape
+        capacity = -(-capacity // ATTENTION_BUCKET) * ATTENTION_BUCKET
+        k = state["k"].new_zeros(batch, capacity, heads, dim)
+        v = torch.zeros_like(k)
+        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=k.device)
+        k[:, :length], v[:, :length], valid[:, :length] = state["k"], state["v"], state["valid"]
+        return {"k": k, "v": v, "valid": valid, "length": torch.tensor(length, device=k.device),
+                "next": state["next"].clone()}
+
+    def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
+        if reset is not None:
+            raise ValueError("StaticKVAttention: resets inside generation are not supported")
+        q, k, v = self.inner._qkv(x.unsqueeze(1), state["next"].unsqueeze(1))
+        at = state["length"].view(1)
+        state["k"].index_copy_(1, at, k.to(state["k"].dtype))
+        state["v"].index_copy_(1, at, v.to(state["v"].dtype))
+        state["valid"].index_fill_(1, at, True)
+        lim = self.limit
+        keys = state["k"][:, :lim].transpose(1, 2).to(q.dtype)
+        values = state["v"][:, :lim].transpose(1, 2).to(q.dtype)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                           attn_mask=state["valid"][:, None, None, :lim])
+        y = self.inner.out_proj(o.transpose(1, 2).reshape(x.shape[0], -1))
+        return y, {**state, "length": state["length"] + 1, "next": state["next"] + 1}
+
+
+@contextlib.contextmanager
+def static_attention(model, state: list[dict], capacity: int):
+    """Swap every attention mixer for a StaticKVAttention (restored on exit); yields the converted state."""
+    blocks = list(model.transformer.layers.values())
+    swapped = []
+    new_state = []
+    try:
+        for block, layer_state in zip(blocks, state, strict=True):
+            if isinstance(block.mixer, CausalSelfAttention):
+                swapped.append((block, block.mixer))
+                block.mixer = StaticKVAttention(block.mixer)
+                layer_state = StaticKVAttention.from_prefill(layer_state, capacity)
+            new_state.append(layer_state)
+        yield new_state
+    finally:
+        for block, original in swapped:
+            block.mixer = original
+
+
+def _flat(state: list[dict]) -> list[torch.Tensor]:
+    return [t for layer in state for _, t in sorted(layer.items())]
+
+
+class StaticStep:
+    """model.step on static buffers updated in place; replayed from CUDA graphs (one per attention bucket).
+
+    With `use_graphs=False` the same static-buffer step runs eagerly (any device; used by the tests).
+    """
+
+    def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True) -> None:
+        self.model = model
+        self.state = state
+        self.use_graphs = use_graphs
+        device = _flat(state)[0].device
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        blocks = list(model.transformer.layers.values())
+        self.static_attn = [b.mixer for b in blocks if isinstance(b.mixer, StaticKVAttention)]
+        # the KV caches are written in place at `length`; everything else is copied back after each step
+        self._in_place = {id(layer[k]) for layer in state if "length" in layer for k in ("k", "v")}
+        lengths = [int(layer["length"]) for layer in state if "length" in layer]
+        self.host_length = lengths[0] if lengths else 0
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def _body(self) -> torch.Tensor:
+        logits, new_state = self.model.step(self.token, self.state)
+        for static, fresh in zip(_flat(self.state), _flat(new_state), strict=True):
+            if static is not fresh:
+                static.copy_(fresh)
+        return logits
+
+    def _set_limit(self) -> int:
+        limit = (self.host_length // ATTENTION_BUCKET + 1) * ATTENTION_BUCKET if self.static_attn else 0
+        for mixer in self.static_attn:
+            mixer.limit = limit
+        return limit
+
+    def will_capture(self) -> bool:
+        """True when the next call captures a new graph (first call, or a new attention bucket)."""
+        limit = (self.host_length // ATTENTION_BUCKET + 1) * ATTENTION_BUCKET if self.static_attn else 0
+        return self.use_graphs and limit not in self.graphs
+
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # the warm-up step really runs: save what it changes (not the KV caches: it only writes the slot
+        # at `length`, which the next real step overwrites) and put it back afterwards
+        saved = [(t, t.clone()) for t in _flat(self.state) if id(t) not in self._in_place]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._body()
+        torch.cuda.current_stream().wait_stream(stream)
+        for static, value in saved:
+            static.copy_(value)
+        del saved
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._body()
+        self.pool = graph.pool()
+        return graph, logits
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        limit = self._set_limit()
+        self.token.copy_(token)
+        if not self.use_graphs:
+            logits = self._body()
+        else:
+            if limit not in self.graphs:
+                self.graphs[limit] = self._capture()
+            graph, logits = self.graphs[limit]
+            graph.replay()
+        self.host_length += 1
+        return logits
+
+
+def has_attention(model) -> bool:
+    return any(isinstance(b.mixer, CausalSelfAttention) for b in model.transformer.layers.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.model_io import load_model, load_tokenizer_for
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, export or published folder")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch (left-padded)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the one the checkpoint names)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--no-stop-at-eos", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    loaded = load_model(args.checkpoint)
+    model = loaded.model.to(device=device, dtype=getattr(torch, dtype_name)).eval()
+    tokenizer = load_tokenizer_for(loaded, args.tokenizer)
+    prompts = [tokenizer.encode(p) for p in args.prompt]
+    graphs = device.startswith("cuda") and args.cuda_graph != "off"
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    result = generate(model, prompts, args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p),
+                      eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id, generator=generator, cuda_graph=graphs,
+                      stop_at_eos=not args.no_stop_at_eos)
+    for prompt, tokens in zip(args.prompt, result.tokens, strict=True):
+        text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
+        print(f"{prompt}{text}")
+        print("-" * 40)
+    new = sum(len(t) for t in result.tokens)
+    print(f"[{new} new tokens; prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_s * 1e3:.1f} ms, "
+          f"{new / max(result.decode_s, 1e-9):.1f} tokens/s, device {device}, {dtype_name}, cuda graphs {graphs}]",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
