@@ -11,7 +11,14 @@ import math
 from dataclasses import dataclass, field
 
 MIXER_NAMES = ("base_conv", "linear_attn", "sliding_window", "attention", "mamba")
-BACKENDS = ("reference", "triton")
+BACKENDS = ("auto", "reference", "triton")
+
+
+def resolve_backend(choice: str, x) -> str:
+    """`auto` -> the Triton kernels for CUDA tensors, plain PyTorch otherwise; other choices as given."""
+    if choice != "auto":
+        return choice
+    return "triton" if x.is_cuda else "reference"
 
 
 @dataclass
@@ -21,7 +28,7 @@ class BaseConvConfig:
     expand: int = 4
     kernel_size: int = 3
     bias: bool = True
-    backend: str = "reference"
+    backend: str = "auto"
 
 
 @dataclass
@@ -32,7 +39,7 @@ class LinearAttnConfig:
     feature_dim: int = 16
     head_dim: int = 0
     eps: float = 1e-12
-    backend: str = "reference"
+    backend: str = "auto"
 
 
 @dataclass
@@ -47,7 +54,7 @@ class SlidingWindowConfig:
     window: int = 128
     rotary_fraction: float = 1.0
     rope_base: float = 10000.0
-    backend: str = "reference"
+    backend: str = "auto"
 
 
 @dataclass

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# the repository root first: bench/kernels.py would otherwise shadow the `kernels` package
+sys.path.insert(0, str(ROOT))
 
 from based_layers import build_model  # noqa: E402
 from tools.generate import StaticStep, static_attention  # noqa: E402

@@ -12,15 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
+# the repository root first: bench/kernels.py would otherwise shadow the `kernels` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 from torch.nn import functional as F
 
-from based_layers import build_model
-from pretrain.config import load_config
-from pretrain.flops import training_flops_per_token
+from based_layers import build_model  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
+from pretrain.flops import training_flops_per_token  # noqa: E402
 
 CONFIGS = {
     "based": "configs/based_1b_50b.yaml",

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -280,7 +281,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     try:
         # the view's tensors are views of `state`'s: loading into it fills `state`
         dcp.load(checkpoint_view(model, state), storage_reader=SafeFileSystemReader(str(folder)))
-    except Exception as err:  # DCP raises several types; name the folder whatever it was
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{folder}: could not be loaded: {err}") from err
     set_model_state_dict(model, state["model"])
     if optimizer is not None:

@@ -196,8 +196,9 @@ def evaluate(model, test_sets, batch_size: int, device: torch.device) -> dict:
 
 
 def _pick_la_backend(cfg: MQARConfig, device: torch.device) -> str:
-    """"auto" is the plain-PyTorch reference: on the H100 run of this tool the Triton kernel hit an illegal memory
-    access (head dim = d_model = 64/128), which leaves the CUDA context unusable; opt in with la_backend=triton."""
+    """"auto" is the plain-PyTorch reference. The first H100 run of this tool met an illegal memory access in
+    the Triton path (while an experimental kernel was in the tree); a fault leaves the CUDA context unusable
+    for the whole run, so the kernel is opt-in: --overrides '{"la_backend": "triton"}'."""
     if cfg.la_backend in ("auto", "reference") or cfg.mixer != "linear_attn":
         return "reference"
     return cfg.la_backend
@@ -230,23 +231,11 @@ def train(cfg: MQARConfig, device: str = "auto", log=print) -> dict:
     train_start = time.time()
     epoch = 0
     while epoch < planned["epochs"]:
-        losses = []
-        for s, lo in batches:
-            inputs, labels = train_sets[s]
-            x = inputs[lo: lo + cfg.batch_size].to(device, non_blocking=True)
-            y = labels[lo: lo + cfg.batch_size].to(device, non_blocking=True)
-            with _autocast(device):
-                logits, targets = labelled_logits(model, x, y)
-            loss = F.cross_entropy(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(loss.detach())
+        loss = _train_epoch(model, optimizer, scheduler, train_sets, batches, cfg.batch_size, device)
+        step += len(batches)
         result = evaluate(model, test_sets, cfg.test_batch_size, device)
         elapsed = time.time() - train_start
-        history.append({"epoch": epoch + 1, "step": step, "loss": torch.stack(losses).mean().item(),
+        history.append({"epoch": epoch + 1, "step": step, "loss": loss,
                         "accuracy": result["accuracy"], "seconds": round(elapsed, 1)})
         name = f"based d{cfg.d_model} f{cfg.feature_dim}" if cfg.mixer == "linear_attn" else f"attention d{cfg.d_model}"
         log(f"[{name} lr {cfg.lr:g}] epoch {epoch + 1}/{planned['epochs']}: "
@@ -264,6 +253,24 @@ def train(cfg: MQARConfig, device: str = "auto", log=print) -> dict:
             "accuracy": result["accuracy"], "segments": result["segments"], "epochs_run": len(history),
             "steps": step, "stopped_by": stopped, "train_seconds": round(time.time() - train_start, 1),
             "data_seconds": round(data_s, 1), "history": history}
+
+
+def _train_epoch(model, optimizer, scheduler, train_sets, batches, batch_size: int, device: torch.device) -> float:
+    """One pass over the batches in their fixed order; returns the mean loss."""
+    losses = []
+    for s, lo in batches:
+        inputs, labels = train_sets[s]
+        x = inputs[lo: lo + batch_size].to(device, non_blocking=True)
+        y = labels[lo: lo + batch_size].to(device, non_blocking=True)
+        with _autocast(device):
+            logits, targets = labelled_logits(model, x, y)
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean().item()
 
 
 def _config(preset: str, overrides: dict) -> MQARConfig:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from based_layers.config import BaseConvConfig
-from based_layers.packing import causal_depthwise_conv, conv_history
+from based_layers.config import BaseConvConfig, resolve_backend
+from based_layers.packing import conv_history
 
 
 class ShortConvolution(nn.Module):
@@ -49,11 +49,10 @@ class BaseConv(nn.Module):
         return y, {"conv": conv_history(u1, self.kernel_size, doc_ids, initial)}
 
     def _gated_conv(self, u1, u2, doc_ids, initial):
-        if self.backend == "triton" and initial is None:
-            from kernels.short_conv import short_conv_gated
+        from kernels.short_conv import short_conv_gated
 
-            return short_conv_gated(u1, u2, self.conv.taps, doc_ids=doc_ids, backend="triton")
-        return F.silu(causal_depthwise_conv(u1, self.conv.taps, None, doc_ids, initial)) * u2
+        return short_conv_gated(u1, u2, self.conv.taps, doc_ids=doc_ids, initial_state=initial,
+                                backend=resolve_backend(self.backend, u1))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
         return {"conv": torch.zeros(batch_size, self.d_inner, self.kernel_size, device=device, dtype=dtype)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from based_layers.config import LinearAttnConfig
+from based_layers.config import LinearAttnConfig, resolve_backend
 from kernels.taylor_linear_attn.reference import taylor_feature_map
 
 
@@ -47,7 +47,7 @@ class LinearAttention(nn.Module):
         q, k, v = self._qkv(x)
         init = None if initial_state is None else (initial_state["kv"], initial_state["k_sum"])
         out = taylor_linear_attention(q, k, v, eps=self.eps, doc_ids=doc_ids, initial_state=init,
-                                      output_final_state=return_state, backend=self.backend)
+                                      output_final_state=return_state, backend=resolve_backend(self.backend, x))
         o, final = out if return_state else (out, None)
         y = self.out_proj(o.reshape(*x.shape[:-1], -1))
         if not return_state:

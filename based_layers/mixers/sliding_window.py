@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from based_layers.config import SlidingWindowConfig
+from based_layers.config import SlidingWindowConfig, resolve_backend
 from based_layers.packing import positions_in_doc
 from based_layers.rotary import apply_rotary, rotary_dim_for
 
@@ -44,7 +44,8 @@ class SlidingWindowAttention(nn.Module):
         batch, seqlen, _ = x.shape
         positions = positions_in_doc(doc_ids, batch, seqlen, x.device)
         q, k, v = self._qkv(x, positions)
-        o = sliding_window_attention(q, k, v, window=self.window, doc_ids=doc_ids, backend=self.backend)
+        o = sliding_window_attention(q, k, v, window=self.window, doc_ids=doc_ids,
+                                     backend=resolve_backend(self.backend, x))
         y = self.out_proj(o.reshape(batch, seqlen, -1))
         if not return_state:
             return y

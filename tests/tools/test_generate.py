@@ -115,3 +115,20 @@ def test_generate_cli(native_runs):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Alice lives in") == 1 and "the quick" in proc.stdout
     assert "tokens/s" in proc.stderr
+
+
+def test_bench_generation_helpers_on_cpu():
+    """bench/generation.py imports without a GPU; its state-traffic count and table work."""
+    from bench.generation import _state_rw_bytes, table
+
+    model = tiny_model("based")
+    _, state = model.prefill(torch.randint(0, 200, (2, 10)))
+    la = state[1]
+    expected_la = 2 * (la["kv"].numel() + la["k_sum"].numel()) * 4 // 2
+    assert _state_rw_bytes([la], 10, 20) == expected_la
+    results = {"args": {"prefill_len": 64},
+               "based": {"decode_b1": {"tokens_per_second": 300.0, "ms_per_step": 3.3, "floor_ms_per_step": 1.0},
+                         "prefill_b1": {"ms": 2.0, "seconds": 0.002}},
+               "attn": {"decode_b1": {"error": "boom"}, "prefill_b1": {"ms": 3.0, "seconds": 0.003}}}
+    text = table(results)
+    assert "| decode tokens/s, batch 1 | 300 | boom | - |" in text and "1.50x faster" in text

@@ -180,3 +180,30 @@ def test_import_cli_writes_a_resumable_run(tmp_path):
     x = torch.randint(0, 200, (2, 11))
     with torch.no_grad():
         assert torch.equal(loaded.model(x), native(x))
+
+
+def test_continued_pretraining_from_an_import(tmp_path):
+    """import_hf's run folder resumes in the trainer (a few steps on the generated tiny corpus)."""
+    import subprocess
+    import sys
+
+    from tools.import_hf import main
+
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "data_pipeline.tiny_corpus", "--out", str(data), "--seq-len", "128"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    native = tiny_model("based", vocab=512)
+    src = tmp_path / "published"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(_published_config(native)))
+    torch.save(_published_state(native), src / "pytorch_model.bin")
+    run = tmp_path / "run"
+    assert main(["--src", str(src), "--out", str(run)]) == 0
+    cmd = [sys.executable, "-m", "pretrain.train", str(run / "config.yaml"), f"run_dir={run}", f"data.path={data}",
+           "data.seq_len=128", "data.global_batch_size=8", "data.micro_batch_size=8", "data.num_workers=0",
+           "schedule.max_steps=2", "schedule.warmup_steps=1", "device=cpu", "precision=fp32",
+           "logging.progress_bar=false", "checkpoint.interval=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout + proc.stderr and "step_00000000" in proc.stdout + proc.stderr
+    assert (run / "checkpoints" / "step_00000002" / "meta.json").is_file()

@@ -113,3 +113,46 @@ def test_loglikelihood_matches_a_direct_forward(native_runs):
         logp = torch.log_softmax(lm.model(torch.tensor([ctx + cont]))[0, :, :lm.vocab_size], -1)
     direct = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
     assert batched[0][0] == pytest.approx(direct, abs=1e-4)
+
+
+def test_generate_until_batched_equals_single(native_runs):
+    from tools.lm_eval_model import BasedPretrainLM
+
+    lm = BasedPretrainLM(pretrained=str(native_runs["mamba"]), batch_size=3)
+    contexts = [d["context"] for d in DOCS]
+    kwargs = {"until": ["."], "max_gen_toks": 7, "do_sample": False}
+    batched = lm._generate(contexts, kwargs)
+    assert batched == [lm._generate([c], kwargs)[0] for c in contexts]
+    assert all("." not in text for text in batched)
+
+
+def test_builtin_lm_eval_models_stay_registered():
+    from lm_eval.api.registry import get_model
+
+    import tools.lm_eval_model  # noqa: F401
+
+    assert get_model("based_pretrain").__name__ == "BasedPretrainLM"
+    assert get_model("dummy").__name__ == "DummyLM"
+
+
+def test_lm_eval_hf_class_on_an_export(task_dir, native_runs, tmp_path):
+    """lm-eval's own `hf` model (AutoModelForCausalLM, trust_remote_code) on an export gives our numbers."""
+    pytest.importorskip("accelerate", reason="lm-eval's hf model class needs accelerate")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import tools.lm_eval_model  # noqa: F401
+    from tools.export_hf import export
+
+    out = tmp_path / "export"
+    export(native_runs["based"], out)
+    manager = TaskManager(include_path=str(task_dir))
+    tasks = ["tiny_choice", "tiny_rolling"]
+    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},trust_remote_code=True", tasks=tasks,
+                                 task_manager=manager, batch_size=2, device="cpu")
+    ours = lm_eval.simple_evaluate(model="based_pretrain", model_args=f"pretrained={out}", tasks=tasks,
+                                   task_manager=manager, batch_size=2, device="cpu")
+    for task in tasks:
+        for key, value in ours["results"][task].items():
+            if isinstance(value, float) and "stderr" not in key:
+                assert hf["results"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
