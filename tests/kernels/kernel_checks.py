@@ -57,3 +57,24 @@ def grads(outputs, inputs, cotangents):
     """d(sum_i <outputs_i, cotangents_i>)/d inputs, computed in each input's own precision path."""
     loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents, strict=True))
     return torch.autograd.grad(loss, inputs)
+
+
+def check_state_io_against_quadratic(out, leaves_lowp, leaves_f64, doc_ids, dtype) -> None:
+    """Compare (o, (kv, k_sum)) of a kernel run with an initial state against the float64 quadratic oracle.
+
+    `leaves_lowp` / `leaves_f64` are (q, k, v, kv0, k_sum0) as the kernel and the oracle received them; the
+    outputs and every gradient (q, k, v and both initial-state tensors) must agree within the dtype's bound.
+    """
+    from kernels.taylor_linear_attn import taylor_linear_attention_quadratic
+
+    o, (kv, ks) = out
+    q64, k64, v64, kv64, ks64 = leaves_f64
+    o_ref, (kv_ref, ks_ref) = taylor_linear_attention_quadratic(q64, k64, v64, doc_ids=doc_ids,
+                                                                initial_state=(kv64, ks64), output_final_state=True)
+    for name, a, e in (("o", o, o_ref), ("kv", kv, kv_ref), ("k_sum", ks, ks_ref)):
+        assert_close(name, a, e, dtype)
+    cot = [torch.randn_like(o_ref), 0.01 * torch.randn_like(kv_ref), 0.01 * torch.randn_like(ks_ref)]
+    got = grads([o, kv, ks], list(leaves_lowp), cot)
+    want = grads([o_ref, kv_ref, ks_ref], list(leaves_f64), cot)
+    for name, g, g_ref in zip(["dq", "dk", "dv", "d_kv0", "d_k_sum0"], got, want, strict=True):
+        assert_close(name, g, g_ref, dtype)

@@ -5,7 +5,7 @@ fp32 is checked on the CPU (interpreter, exact fp32 products); on the GPU fp32 i
 
 import pytest
 import torch
-from kernel_checks import assert_close, grads, leaves, packed_doc_ids
+from kernel_checks import assert_close, check_state_io_against_quadratic, grads, leaves, packed_doc_ids
 
 from kernels.short_conv import short_conv_gated, short_conv_gated_reference, short_conv_gated_step
 from kernels.sliding_window import (
@@ -15,7 +15,6 @@ from kernels.sliding_window import (
 )
 from kernels.taylor_linear_attn import (
     taylor_linear_attention,
-    taylor_linear_attention_quadratic,
     taylor_linear_attention_step,
 )
 
@@ -37,15 +36,7 @@ def test_taylor_linear_attention(dv, dtype):
                                        1 + torch.rand(b, h, nf, device="cuda")], torch.float32)
     o, (kv, ks) = taylor_linear_attention(q, k, v, doc_ids=doc_ids, initial_state=(kv0, ks0),
                                           output_final_state=True)
-    o_ref, (kv_ref, ks_ref) = taylor_linear_attention_quadratic(q64, k64, v64, doc_ids=doc_ids,
-                                                                initial_state=(kv64, ks64), output_final_state=True)
-    for name, a, e in (("o", o, o_ref), ("kv", kv, kv_ref), ("k_sum", ks, ks_ref)):
-        assert_close(name, a, e, dtype)
-    cot = [torch.randn_like(o_ref), 0.01 * torch.randn_like(kv_ref), 0.01 * torch.randn_like(ks_ref)]
-    got = grads([o, kv, ks], [q, k, v, kv0, ks0], cot)
-    want = grads([o_ref, kv_ref, ks_ref], [q64, k64, v64, kv64, ks64], cot)
-    for name, g, g_ref in zip(["dq", "dk", "dv", "d_kv0", "d_k_sum0"], got, want, strict=True):
-        assert_close(name, g, g_ref, dtype)
+    check_state_io_against_quadratic((o, (kv, ks)), (q, k, v, kv0, ks0), (q64, k64, v64, kv64, ks64), doc_ids, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=DTYPE_IDS.get)

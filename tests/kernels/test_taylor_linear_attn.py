@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from kernel_checks import DEVICE, assert_close, grads, leaves, packed_doc_ids
+from kernel_checks import (
+    DEVICE,
+    assert_close,
+    check_state_io_against_quadratic,
+    grads,
+    leaves,
+    packed_doc_ids,
+)
 
 from kernels.taylor_linear_attn import (
     taylor_linear_attention,
@@ -62,16 +69,8 @@ def test_state_in_and_out_with_segments(dtype, seg):
     o, (kv, ks) = taylor_linear_attention_triton(q, k, v, doc_ids=doc_ids, initial_state=(kv0, ks0),
                                                  output_final_state=True, chunk_size=16, block_v=16,
                                                  segment_len=seg)
-    o_ref, (kv_ref, ks_ref) = taylor_linear_attention_quadratic(q64, k64, v64, doc_ids=doc_ids,
-                                                                initial_state=(kv64, ks64), output_final_state=True)
     assert kv.dtype == ks.dtype == torch.float32
-    for name, a, e in (("o", o, o_ref), ("kv", kv, kv_ref), ("k_sum", ks, ks_ref)):
-        assert_close(name, a, e, dtype)
-    cot = [torch.randn_like(o_ref), 0.01 * torch.randn_like(kv_ref), 0.01 * torch.randn_like(ks_ref)]
-    got = grads([o, kv, ks], [q, k, v, kv0, ks0], cot)
-    want = grads([o_ref, kv_ref, ks_ref], [q64, k64, v64, kv64, ks64], cot)
-    for name, g, g_ref in zip(["dq", "dk", "dv", "d_kv0", "d_k_sum0"], got, want, strict=True):
-        assert_close(name, g, g_ref, dtype)
+    check_state_io_against_quadratic((o, (kv, ks)), (q, k, v, kv0, ks0), (q64, k64, v64, kv64, ks64), doc_ids, dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
