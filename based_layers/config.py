@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+from torch import nn
+
 MIXER_NAMES = ("base_conv", "linear_attn", "sliding_window", "attention", "mamba")
 BACKENDS = ("auto", "reference", "triton")
 
@@ -19,6 +22,18 @@ def resolve_backend(choice: str, x) -> str:
     if choice != "auto":
         return choice
     return "triton" if x.is_cuda else "reference"
+
+
+def use_fused_step(choice: str, module: nn.Module, x: torch.Tensor, *state: torch.Tensor) -> bool:
+    """Whether a mixer's `step` runs the fused one-token kernel that updates its state in place: when the
+    backend resolves to "triton" and autograd records nothing. The kernels write the state outside autograd,
+    so a step with gradients on (for x, the state or the mixer's weights) takes the plain PyTorch form."""
+    if resolve_backend(choice, x) != "triton":
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (x.requires_grad or any(t.requires_grad for t in state) or
+                any(p.requires_grad for p in module.parameters()))
 
 
 @dataclass

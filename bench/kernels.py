@@ -142,6 +142,30 @@ def bench_linear_attention(ceil, peers: bool, rows: list, la_config: dict) -> No
             _report(row, rows)
 
 
+def bench_la_parts(rows: list, la_config: dict) -> None:
+    """Time of each linear-attention kernel at B 16, T 2048, Dv 128 (where the f+b time goes)."""
+    from kernels.taylor_linear_attn import triton_impl as la
+
+    q, k, v = la_inputs(16, 2048, 128)
+    docs = torch.zeros(16, 2048, dtype=torch.int32, device="cuda")
+    plan = la.Plan(2048, FEATURE_DIM, 128, **la_config)
+    o, den, states, _ = la.forward(q, k, v, docs, 1e-12, None, None, False, plan)
+    do = torch.randn_like(o)
+    hh = torch.zeros_like(den)
+    parts = {
+        "state pass (forward)": lambda: la._state_pass(k, v, docs, None, None, None, plan, False, False),
+        "forward (state pass + output)": lambda: la.forward(q, k, v, docs, 1e-12, None, None, False, plan),
+        "state pass (reverse)": lambda: la._state_pass(q, do, docs, den, hh, None, plan, True, False),
+        "backward (all)": lambda: la.backward(do, q, k, v, docs, o, den, states, None, False, plan),
+    }
+    state_bytes = states[0].numel() * states[0].element_size()
+    print(f"  la parts: chunk states {state_bytes / 1e6:.0f} MB per pass", flush=True)
+    for name, fn in parts.items():
+        ms = bench_ms(fn)
+        print(f"  la part {name}: {ms:.3f} ms", flush=True)
+        rows.append({"op": "la_part", "shape": name, "T": 2048, "B": 16, "ms": ms, "state_MB": state_bytes / 1e6})
+
+
 def _seqlens() -> tuple[int, ...]:
     return SEQLENS
 
@@ -284,6 +308,8 @@ def markdown_table(rows: list) -> str:
     head += [f"{c} fwd / f+b (x ours)" for c in PEER_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        if "floor" not in row:
+            continue
         ours = row.get("ours")
         key = 1 if ours is not None and not math.isnan(ours[1]) else 0
         cells = [row["op"], row["shape"], f"{row['B']}x{row['T']}", _fmt(ours), _fmt(row["floor"])]
@@ -310,11 +336,11 @@ def sweep(ceil) -> tuple[dict, dict]:
     inputs = la_inputs(batch, seqlen, dv)
     results = []
     for cfg in (
-        {"block_v": 64, "num_warps": 4},
-        {"block_v": 64, "num_warps": 8},
-        {"block_v": 32, "num_warps": 4},
-        {"block_v": 128, "num_warps": 8},
-        {"chunk_size": 32, "block_v": 64, "num_warps": 4},
+        {},
+        {"block_v_bwd": 64},
+        {"block_f": 16},
+        {"chunk_size": 64},
+        {"num_warps": 4, "bwd_warps": 4},
     ):
         t = try_time(f"la {cfg}", lambda q, k, v, c=cfg: taylor_linear_attention_triton(q, k, v, **c), inputs)
         print(f"  sweep la Dv{dv} T{seqlen} {cfg}: {_fmt(t)}", flush=True)
@@ -372,6 +398,8 @@ def main() -> None:
     sections = set(args.only.split(","))
     peers = not args.skip_peers
     try:
+        if "la_parts" in sections:
+            bench_la_parts(rows, la_config)
         if "la" in sections:
             bench_linear_attention(ceil, peers, rows, la_config)
         if "swa" in sections:

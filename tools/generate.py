@@ -35,6 +35,8 @@ if __package__ in (None, ""):
 from based_layers.mixers.attention import CausalSelfAttention  # noqa: E402
 
 ATTENTION_BUCKET = 128
+# the static KV cache's head dim is padded to a multiple of this (SDPA's efficient kernels need it)
+HEAD_DIM_MULTIPLE = 8
 
 
 @dataclass
@@ -174,12 +176,20 @@ def _decoder(model, state, batch: int, capacity: int, cuda_graph: bool):
         yield StaticStep(model, static_state, batch, use_graphs=True)
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim of the static KV cache: the next multiple of HEAD_DIM_MULTIPLE."""
+    return -(-head_dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+
+
 class StaticKVAttention(nn.Module):
     """Decode-time stand-in for a CausalSelfAttention: a preallocated KV cache written in place.
 
-    State: k, v [B, C, H, Dh] (C = capacity), valid [B, C] bool, length [] long (entries used), next [B]
-    (position of the next token). `limit` (a Python int, a multiple of ATTENTION_BUCKET) is how much of the
-    cache the step reads; a CUDA graph is captured per limit.
+    State: k, v [B, C, H, Dp] (C = capacity; Dp = the head dim Dh padded to a multiple of 8 with zeros),
+    valid [B, C] bool, length [] long (entries used), next [B] (position of the next token). `limit` (a Python
+    int, a multiple of ATTENTION_BUCKET) is how much of the cache the step reads; a CUDA graph is captured per
+    limit. SDPA's memory-efficient kernel (the one that takes a mask) needs a head dim divisible by 8 (4 in
+    fp32); otherwise PyTorch takes its math path (the 1.3B Transformer++ has Dh = 70). The zero padding leaves
+    q.k unchanged; the softmax scale stays Dh^-0.5 and the output is cut back to Dh.
     """
 
     def __init__(self, inner: CausalSelfAttention) -> None:
@@ -191,10 +201,11 @@ class StaticKVAttention(nn.Module):
     def from_prefill(state: dict, capacity: int) -> dict:
         batch, length, heads, dim = state["k"].shape
         capacity = -(-capacity // ATTENTION_BUCKET) * ATTENTION_BUCKET
-        k = state["k"].new_zeros(batch, capacity, heads, dim)
+        k = state["k"].new_zeros(batch, capacity, heads, padded_head_dim(dim))
         v = torch.zeros_like(k)
         valid = torch.zeros(batch, capacity, dtype=torch.bool, device=k.device)
-        k[:, :length], v[:, :length], valid[:, :length] = state["k"], state["v"], state["valid"]
+        k[:, :length, :, :dim], v[:, :length, :, :dim] = state["k"], state["v"]
+        valid[:, :length] = state["valid"]
         return {"k": k, "v": v, "valid": valid, "length": torch.tensor(length, device=k.device),
                 "next": state["next"].clone()}
 
@@ -202,16 +213,18 @@ class StaticKVAttention(nn.Module):
         if reset is not None:
             raise ValueError("StaticKVAttention: resets inside generation are not supported")
         q, k, v = self.inner._qkv(x.unsqueeze(1), state["next"].unsqueeze(1))
+        dim, padded = q.shape[-1], state["k"].shape[-1]
         at = state["length"].view(1)
-        state["k"].index_copy_(1, at, k.to(state["k"].dtype))
-        state["v"].index_copy_(1, at, v.to(state["v"].dtype))
+        state["k"][..., :dim].index_copy_(1, at, k.to(state["k"].dtype))
+        state["v"][..., :dim].index_copy_(1, at, v.to(state["v"].dtype))
         state["valid"].index_fill_(1, at, True)
         lim = self.limit
         keys = state["k"][:, :lim].transpose(1, 2).to(q.dtype)
         values = state["v"][:, :lim].transpose(1, 2).to(q.dtype)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
-                                           attn_mask=state["valid"][:, None, None, :lim])
-        y = self.inner.out_proj(o.transpose(1, 2).reshape(x.shape[0], -1))
+        query = F.pad(q, (0, padded - dim)).transpose(1, 2)
+        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=state["valid"][:, None, None, :lim],
+                                           scale=dim**-0.5)
+        y = self.inner.out_proj(o[..., :dim].transpose(1, 2).reshape(x.shape[0], -1))
         return y, {**state, "length": state["length"] + 1, "next": state["next"] + 1}
 
 
@@ -252,8 +265,9 @@ class StaticStep:
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         blocks = list(model.transformer.layers.values())
         self.static_attn = [b.mixer for b in blocks if isinstance(b.mixer, StaticKVAttention)]
-        # the KV caches are written in place at `length`; everything else is copied back after each step
-        self._in_place = {id(layer[k]) for layer in state if "length" in layer for k in ("k", "v")}
+        # The step writes the KV caches only at slot `length` (append-only). The other state tensors are either
+        # updated in place by the mixer (the fused Triton steps) or returned new and copied back by `_body`.
+        self._append_only = {id(layer[k]) for layer in state if "length" in layer for k in ("k", "v")}
         lengths = [int(layer["length"]) for layer in state if "length" in layer]
         self.host_length = lengths[0] if lengths else 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -261,6 +275,7 @@ class StaticStep:
 
     def _body(self) -> torch.Tensor:
         logits, new_state = self.model.step(self.token, self.state)
+        # a tensor the mixer updated in place comes back as itself: nothing to copy
         for static, fresh in zip(_flat(self.state), _flat(new_state), strict=True):
             if static is not fresh:
                 static.copy_(fresh)
@@ -277,18 +292,26 @@ class StaticStep:
         limit = (self.host_length // ATTENTION_BUCKET + 1) * ATTENTION_BUCKET if self.static_attn else 0
         return self.use_graphs and limit not in self.graphs
 
+    def _warm_up(self) -> None:
+        """Run one step (so that every kernel is compiled before a capture) and undo what it did to the state.
+
+        The step changes the static state, whether a mixer writes it in place or `_body` copies a new value
+        into it: every tensor is cloned before (a clone, so that an in-place write cannot reach the copy) and
+        put back after. Not the KV caches: the step only writes their slot at `length`, which the next real
+        step overwrites. (The sliding-window ring is not append-only: the slot pos % window that the step
+        writes still holds a key that the next step reads, so it is saved like the rest.)
+        """
+        saved = [(t, t.clone()) for t in _flat(self.state) if id(t) not in self._append_only]
+        self._body()
+        for static, value in saved:
+            static.copy_(value)
+
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # the warm-up step really runs: save what it changes (not the KV caches: it only writes the slot
-        # at `length`, which the next real step overwrites) and put it back afterwards
-        saved = [(t, t.clone()) for t in _flat(self.state) if id(t) not in self._in_place]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._body()
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(stream)
-        for static, value in saved:
-            static.copy_(value)
-        del saved
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._body()

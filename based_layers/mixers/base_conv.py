@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from based_layers.config import BaseConvConfig, resolve_backend
+from based_layers.config import BaseConvConfig, resolve_backend, use_fused_step
 from based_layers.packing import conv_history
 
 
@@ -46,7 +46,8 @@ class BaseConv(nn.Module):
         y = self.out_proj(gated)
         if not return_state:
             return y
-        return y, {"conv": conv_history(u1, self.kernel_size, doc_ids, initial)}
+        # contiguous: a compact buffer (not a view into the prompt-long history) for the step to update in place
+        return y, {"conv": conv_history(u1, self.kernel_size, doc_ids, initial).contiguous()}
 
     def _gated_conv(self, u1, u2, doc_ids, initial):
         from kernels.short_conv import short_conv_gated
@@ -58,7 +59,13 @@ class BaseConv(nn.Module):
         return {"conv": torch.zeros(batch_size, self.d_inner, self.kernel_size, device=device, dtype=dtype)}
 
     def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
-        """One token: x [B, D] -> y [B, D]; state["conv"] [B, C, K] holds the last K inputs u1, oldest first."""
+        """One token: x [B, D] -> y [B, D]; state["conv"] [B, C, K] holds the last K inputs u1, oldest first.
+
+        On the Triton backend one fused kernel shifts state["conv"] in place and the returned state holds the
+        same tensor; otherwise a new one is returned.
+        """
+        if use_fused_step(self.backend, self, x, state["conv"]):
+            return self._step_fused(x, state, reset)
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
         buf = state["conv"]
         if reset is not None:
@@ -67,3 +74,13 @@ class BaseConv(nn.Module):
         conv = (buf * self.conv.taps.to(buf.dtype)).sum(-1)
         y = self.out_proj(F.silu(conv).to(u2.dtype) * u2)
         return y, {"conv": buf}
+
+    def _step_fused(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
+        from kernels.short_conv import short_conv_gated_step
+
+        buf = state["conv"]
+        if reset is not None:
+            buf.masked_fill_(reset.view(-1, 1, 1), 0.0)
+        u1, u2 = self.in_proj(x).chunk(2, dim=-1)
+        gated = short_conv_gated_step(u1, u2, self.conv.taps, buf, backend="triton")
+        return self.out_proj(gated), {"conv": buf}

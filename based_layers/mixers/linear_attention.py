@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from based_layers.config import LinearAttnConfig, resolve_backend
+from based_layers.config import LinearAttnConfig, resolve_backend, use_fused_step
 from kernels.taylor_linear_attn.reference import taylor_feature_map
 
 
@@ -52,7 +52,8 @@ class LinearAttention(nn.Module):
         y = self.out_proj(o.reshape(*x.shape[:-1], -1))
         if not return_state:
             return y
-        return y, {"kv": final[0], "k_sum": final[1]}
+        # contiguous: the layout the fused step updates in place
+        return y, {"kv": final[0].contiguous(), "k_sum": final[1].contiguous()}
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
         heads = self.proj_q.out_features // self.feature_dim
@@ -64,7 +65,13 @@ class LinearAttention(nn.Module):
         }
 
     def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
-        """One token x [B, D]: add phi(k) v^T to the state first, then read out with phi(q)."""
+        """One token x [B, D]: add phi(k) v^T to the state first, then read out with phi(q).
+
+        On the Triton backend one fused kernel updates state["kv"], state["k_sum"] in place and the returned
+        state holds the same tensors; otherwise new state tensors are returned.
+        """
+        if use_fused_step(self.backend, self, x, state["kv"], state["k_sum"]):
+            return self._step_fused(x, state, reset)
         q, k, v = self._qkv(x)
         kv, k_sum = state["kv"], state["k_sum"]
         if reset is not None:
@@ -77,4 +84,18 @@ class LinearAttention(nn.Module):
         num = torch.einsum("bhf,bhfd->bhd", phi_q, kv)
         den = torch.einsum("bhf,bhf->bh", phi_q, k_sum).unsqueeze(-1) + self.eps
         y = self.out_proj((num / den).to(v.dtype).reshape(x.shape[0], -1))
+        return y, {"kv": kv, "k_sum": k_sum}
+
+    def _step_fused(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
+        from kernels.taylor_linear_attn import taylor_linear_attention_step
+
+        kv, k_sum = state["kv"], state["k_sum"]
+        if not (kv.is_contiguous() and k_sum.is_contiguous()):
+            kv, k_sum = kv.contiguous(), k_sum.contiguous()
+        if reset is not None:
+            kv.masked_fill_(reset.view(-1, 1, 1, 1), 0.0)
+            k_sum.masked_fill_(reset.view(-1, 1, 1), 0.0)
+        q, k, v = self._qkv(x)
+        o, kv, k_sum = taylor_linear_attention_step(q, k, v, kv, k_sum, self.eps, backend="triton")
+        y = self.out_proj(o.reshape(x.shape[0], -1))
         return y, {"kv": kv, "k_sum": k_sum}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from based_layers.config import SlidingWindowConfig, resolve_backend
+from based_layers.config import SlidingWindowConfig, resolve_backend, use_fused_step
 from based_layers.packing import positions_in_doc
 from based_layers.rotary import apply_rotary, rotary_dim_for
 
@@ -78,7 +78,13 @@ class SlidingWindowAttention(nn.Module):
         }
 
     def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
-        """One token x [B, D]; the window is a ring of `window` past entries plus the current token."""
+        """One token x [B, D]; the window is a ring of `window` past entries plus the current token.
+
+        On the Triton backend one fused kernel reads the ring and writes the new key/value into it in place
+        (state["pos"] and state["next"] too); the returned state then holds the same tensors.
+        """
+        if use_fused_step(self.backend, self, x, state["k"], state["v"]):
+            return self._step_fused(x, state, reset)
         batch = x.shape[0]
         pos_now = state["next"] if reset is None else torch.where(reset, torch.zeros_like(state["next"]), state["next"])
         stored = state["pos"] if reset is None else torch.where(reset.unsqueeze(1), torch.full_like(state["pos"], -1), state["pos"])
@@ -97,3 +103,18 @@ class SlidingWindowAttention(nn.Module):
         new_k[rows, slot], new_v[rows, slot], new_pos[rows, slot] = k[:, 0].to(new_k.dtype), v[:, 0].to(new_v.dtype), pos_now
         y = self.out_proj(o.reshape(batch, -1))
         return y, {"k": new_k, "v": new_v, "pos": new_pos, "next": pos_now + 1}
+
+    def _step_fused(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
+        from kernels.sliding_window import sliding_window_step
+
+        stored, pos_now = state["pos"], state["next"]
+        if reset is not None:
+            # position 0 makes the kernel ignore the whole ring; `pos` keeps the reference form's bookkeeping
+            pos_now.masked_fill_(reset, 0)
+            stored.masked_fill_(reset.unsqueeze(1), -1)
+        q, k, v = self._qkv(x.unsqueeze(1), pos_now.unsqueeze(1))
+        o = sliding_window_step(q[:, 0], k[:, 0], v[:, 0], state["k"], state["v"], pos_now, backend="triton")
+        stored.scatter_(1, (pos_now % self.window).unsqueeze(1), pos_now.unsqueeze(1))
+        pos_now.add_(1)
+        y = self.out_proj(o.reshape(x.shape[0], -1))
+        return y, {"k": state["k"], "v": state["v"], "pos": stored, "next": pos_now}

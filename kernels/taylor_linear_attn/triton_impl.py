@@ -1,28 +1,37 @@
-"""Triton Taylor linear attention: chunked forward and backward with on-chip fp32 state, and a decode step.
+"""Triton Taylor linear attention: chunk states in HBM, parallel chunk kernels, and a decode step.
 
-Algorithm (per batch row and head, chunks of BT tokens, value columns split in blocks of BV):
-- the state S = sum phi(k_s) v_s^T [273, Dv] and the normalizer z = sum phi(k_s) [273] live in registers
-  in fp32 and are never written to HBM between chunks;
-- per chunk: intra-chunk (1 + s + s^2/2) on the BT x BT scores of the raw 16-dim q, k; inter-chunk readout
-  phi(q) S and phi(q) z; then the update S += phi(k)^T v, z += sum phi(k), with phi built in registers;
-- documents: the state resets where doc_ids changes (a query reads the carried state only when it is in
-  the document of the token before the chunk; keys update it only when in the chunk's last document);
-- parallelism: programs = value blocks x segments x (batch x heads). When batch x heads is small the
-  sequence is cut into segments: a state-only pass computes each segment's local state, a scan carries
-  states across segments, and every segment then runs from its true initial state (chunk-parallel).
-- backward: a forward sweep for dq (the same recurrence) and a reverse sweep for dk, dv that carries
-  dS = sum phi(q) g^T in registers, with g = dO / den and the normalizer term h = -(dO . o) / den.
+Algorithm (per batch row and head; chunks of BC tokens; the state rows are the symmetric form of the
+published features (1 + F + F(F+1)/2 rows, see Layout), padded to NP rows and handled in blocks of BF rows;
+value columns in blocks of BV):
+- state pass (forward): for each chunk c in order, write S_c (the state before chunk c: S = sum
+  phi(k_s) v_s^T and z = sum phi(k_s) over the keys before the chunk, in the current document) to HBM, then
+  S += phi(K_c)^T V_c. One program per (feature block, value block, row x head): its slice of the state is
+  [BF, BV] fp32 in registers (nothing spills), and the programs run in parallel.
+- output (forward): one program per (chunk, value block, row x head), all in parallel: the intra-chunk
+  part (1 + s + s^2/2 on the BC x BC scores of the raw q, k) plus phi(q) S_c read block by block.
+- backward: the normalizer gradient h = -(dO . o) / den; a reverse state pass writes dS_c (the gradient
+  of the state after chunk c: sum phi(q_t) g_t^T over later queries, g = dO / den); one parallel kernel per
+  chunk then gives dq (intra + S_c, one kernel) and dk, dv (intra + dS_c, another).
+- documents (doc_ids): the state resets where doc_ids changes. A query reads S_c only when it is in the
+  document of the token before the chunk; keys enter the state only when they are in the chunk's last
+  document; the state crosses a chunk only when that chunk has no document start.
+- phi is built from small tables (for each feature row p: the indices i, j of the two factors of x_i x_j,
+  -1 meaning the factor 1, and a coefficient): a feature block gathers the factor columns of the q or k tile
+  by two small products with 0/1 selection matrices (exact, on the tensor cores), and the chain rule back to
+  q, k is two small products with the same matrices transposed.
+States are kept in bf16 for bf16 inputs (the tensor cores read them as they are), fp32 otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting, last_dim_contiguous, new_output, next_pow2, num_sms
+from .._common import interpreting, last_dim_contiguous, new_output, next_pow2
 
 
 @triton.jit
@@ -36,381 +45,296 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _expand2(x, BT: tl.constexpr, FP: tl.constexpr):
-    """x [BT, FP] -> [BT, FP*FP] with column a*FP + b holding x_a * x_b."""
-    return tl.reshape(x[:, :, None] * x[:, None, :], (BT, FP * FP))
+def _feature_block(IDX_I, IDX_J, COEF, p0, BF: tl.constexpr, FP: tl.constexpr):
+    """Feature rows p0 .. p0+BF-1: 0/1 selection matrices [FP, BF] of their factors x_i, x_j, whether each
+    factor is present (else it is 1), and the coefficients."""
+    offs_p = p0 + tl.arange(0, BF)
+    ii = tl.load(IDX_I + offs_p)
+    jj = tl.load(IDX_J + offs_p)
+    coef = tl.load(COEF + offs_p)
+    cols = tl.arange(0, FP)
+    return cols[:, None] == ii[None, :], cols[:, None] == jj[None, :], ii >= 0, jj >= 0, coef
 
 
 @triton.jit
-def _contract2(d2, x, BT: tl.constexpr, FP: tl.constexpr):
-    """Chain rule of _expand2: d2 [BT, FP*FP], x [BT, FP] -> [BT, FP], out_a = sum_b (d2_ab + d2_ba) x_b."""
-    d3 = tl.reshape(d2, (BT, FP, FP))
-    return tl.sum(d3 * x[:, None, :], axis=2) + tl.sum(d3 * x[:, :, None], axis=1)
+def _features(x, sel_i, sel_j, has_i, has_j, coef, SEL_PREC: tl.constexpr):
+    """phi of the rows of one feature block for the tokens of x [BT, FP]: [BT, BF] fp32, and its two factors.
+    The factors are gathered by products with the 0/1 selection matrices (exact: one nonzero term each)."""
+    if SEL_PREC == "emulate":
+        xi = tl.dot(x.to(tl.float32), sel_i.to(tl.float32), input_precision="ieee")
+        xj = tl.dot(x.to(tl.float32), sel_j.to(tl.float32), input_precision="ieee")
+    else:
+        xi = tl.dot(x, sel_i.to(x.dtype), input_precision=SEL_PREC)
+        xj = tl.dot(x, sel_j.to(x.dtype), input_precision=SEL_PREC)
+    xi = tl.where(has_i[None, :], xi, 1.0)
+    xj = tl.where(has_j[None, :], xj, 1.0)
+    return xi * xj * coef[None, :], xi, xj
 
 
 @triton.jit
-def _state_rows(F: tl.constexpr, FP: tl.constexpr):
-    """Row indices of the first- and second-order features in the 1+F+F*F state, and their masks."""
-    r1 = tl.arange(0, FP)
-    r2 = tl.arange(0, FP * FP)
-    a = r2 // FP
-    b = r2 % FP
-    return 1 + r1, r1 < F, 1 + F + a * F + b, (a < F) & (b < F)
+def _features_grad(dphi, xi, xj, sel_i, sel_j, coef, CHAIN_PREC: tl.constexpr):
+    """Chain rule of _features: dphi [BT, BF] -> d x [BT, FP] (x_i gets dphi c x_j, x_j gets dphi c x_i)."""
+    dphi = dphi * coef[None, :]
+    return (tl.dot(dphi * xj, tl.trans(sel_i.to(tl.float32)), input_precision=CHAIN_PREC)
+            + tl.dot(dphi * xi, tl.trans(sel_j.to(tl.float32)), input_precision=CHAIN_PREC))
 
 
 @triton.jit
-def _load_state(S, Z, s_base, z_base, offs_v, mask_v, DV, F: tl.constexpr, FP: tl.constexpr):
-    row1, m1, row2, m2 = _state_rows(F, FP)
-    s0 = tl.load(S + s_base + offs_v, mask=mask_v, other=0.0)
-    s1 = tl.load(S + s_base + row1[:, None] * DV + offs_v[None, :], mask=m1[:, None] & mask_v[None, :], other=0.0)
-    s2 = tl.load(S + s_base + row2[:, None] * DV + offs_v[None, :], mask=m2[:, None] & mask_v[None, :], other=0.0)
-    z0 = tl.load(Z + z_base + tl.arange(0, 1))
-    z1 = tl.load(Z + z_base + row1, mask=m1, other=0.0)
-    z2 = tl.load(Z + z_base + row2, mask=m2, other=0.0)
-    return s0, s1, s2, z0, z1, z2
+def _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC: tl.constexpr):
+    """doc ids of the chunk, of the token before it (its own first token for chunk 0), and of its last."""
+    doc = tl.load(doc_ptr + offs_t, mask=mask_t, other=0)
+    doc_prev = tl.load(doc_ptr + tl.maximum(t0 - 1, 0))
+    doc_last = tl.load(doc_ptr + tl.minimum(t0 + BC, T) - 1)
+    return doc, doc_prev, doc_last
 
 
 @triton.jit
-def _store_state(S, Z, s_base, z_base, offs_v, mask_v, DV, s0, s1, s2, z0, z1, z2, store_z,
-                 F: tl.constexpr, FP: tl.constexpr):
-    row1, m1, row2, m2 = _state_rows(F, FP)
-    tl.store(S + s_base + offs_v, s0, mask=mask_v)
-    tl.store(S + s_base + row1[:, None] * DV + offs_v[None, :], s1, mask=m1[:, None] & mask_v[None, :])
-    tl.store(S + s_base + row2[:, None] * DV + offs_v[None, :], s2, mask=m2[:, None] & mask_v[None, :])
-    if store_z:
-        tl.store(Z + z_base + tl.arange(0, 1), z0)
-        tl.store(Z + z_base + row1, z1, mask=m1)
-        tl.store(Z + z_base + row2, z2, mask=m2)
-
-
-@triton.jit
-def _fwd_kernel(Q, K, V, DOC, OUT, DEN, S_IN, Z_IN, S_OUT, Z_OUT,
-                T, H, DV, SEG_LEN, NSEG, SEG_OFFSET,
-                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                eps, c1, c2, inv_sqrt_f,
-                F: tl.constexpr, FP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                HAS_STATE_IN: tl.constexpr, STORE_STATE: tl.constexpr, STATE_ONLY: tl.constexpr,
-                PREC: tl.constexpr):
-    i_v = tl.program_id(0)
-    i_s = tl.program_id(1) + SEG_OFFSET
+def _state_pass_kernel(X, Y, DOC, DEN, HH, S0, Z0, STATES, ZST, S_END, Z_END, IDX_I, IDX_J, COEF,
+                       T, H, DV, NC, sxb, sxt, sxh, syb, syt, syh,
+                       F: tl.constexpr, FP: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr, BF: tl.constexpr,
+                       BV: tl.constexpr, REVERSE: tl.constexpr, HAS_S0: tl.constexpr, STORE_END: tl.constexpr,
+                       PREC: tl.constexpr, SEL_PREC: tl.constexpr):
+    """Forward (REVERSE=False; X=k, Y=v): STATES[c] = state before chunk c; S_END = state after the last.
+    Reverse (X=q, Y=dO): STATES[c] = gradient of the state after chunk c, from the queries of later chunks
+    (g = dO / den, and HH for the normalizer); S0 = gradient of the final state; S_END = of the initial."""
+    i_g = tl.program_id(0)
+    i_v = tl.program_id(1)
     i_bh = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
-    NF = 1 + F + F * F
-    offs_c = tl.arange(0, BT)
-    offs_f = tl.arange(0, FP)
-    mask_f = offs_f < F
+    p0 = i_g * BF
+    offs_p = p0 + tl.arange(0, BF)
     offs_v = i_v * BV + tl.arange(0, BV)
     mask_v = offs_v < DV
-    q_ptr = Q + i_b.to(tl.int64) * sqb + i_h * sqh
-    k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
-    v_ptr = V + i_b.to(tl.int64) * svb + i_h * svh
-    o_ptr = OUT + i_b.to(tl.int64) * sob + i_h * soh
+    x_ptr = X + i_b.to(tl.int64) * sxb + i_h * sxh
+    y_ptr = Y + i_b.to(tl.int64) * syb + i_h * syh
     doc_ptr = DOC + i_b.to(tl.int64) * T
-    den_ptr = DEN + i_bh.to(tl.int64) * T
-    dt = V.dtype.element_ty
-
-    if HAS_STATE_IN:
-        s_base = (i_bh.to(tl.int64) * NSEG + i_s) * NF * DV
-        z_base = (i_bh.to(tl.int64) * NSEG + i_s) * NF
-        s0, s1, s2, z0, z1, z2 = _load_state(S_IN, Z_IN, s_base, z_base, offs_v, mask_v, DV, F, FP)
-    else:
-        s0 = tl.zeros([BV], dtype=tl.float32)
-        s1 = tl.zeros([FP, BV], dtype=tl.float32)
-        s2 = tl.zeros([FP * FP, BV], dtype=tl.float32)
-        z0 = tl.zeros([1], dtype=tl.float32)
-        z1 = tl.zeros([FP], dtype=tl.float32)
-        z2 = tl.zeros([FP * FP], dtype=tl.float32)
-
-    t_start = i_s * SEG_LEN
-    t_end = tl.minimum(T, t_start + SEG_LEN)
-    doc_prev = tl.load(doc_ptr + tl.maximum(t_start - 1, 0))
-    for t0 in range(t_start, t_end, BT):
-        offs_t = t0 + offs_c
-        mask_t = offs_t < t_end
-        q = tl.load(q_ptr + offs_t[:, None] * sqt + offs_f[None, :], mask=mask_t[:, None] & mask_f[None, :], other=0.0)
-        k = tl.load(k_ptr + offs_t[:, None] * skt + offs_f[None, :], mask=mask_t[:, None] & mask_f[None, :], other=0.0)
-        v = tl.load(v_ptr + offs_t[:, None] * svt + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-        doc = tl.load(doc_ptr + offs_t, mask=mask_t, other=0)
-        doc_last = tl.load(doc_ptr + tl.minimum(t0 + BT, t_end) - 1)
-        carry = (doc_last == doc_prev).to(tl.float32)
-        if not STATE_ONLY:
-            scores = _mm(q, tl.trans(k), PREC) * inv_sqrt_f
-            sim = 1.0 + scores + 0.5 * scores * scores
-            keep = (offs_t[:, None] >= offs_t[None, :]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
-            sim = tl.where(keep, sim, 0.0)
-            num = _mm(sim.to(dt), v, PREC)
-            den = tl.sum(sim, axis=1)
-            qf = q.to(tl.float32)
-            q1 = qf * c1
-            q2 = _expand2(qf, BT, FP) * c2
-            num_state = (s0[None, :] + _mm(q1.to(dt), s1.to(dt), PREC)
-                         + _mm(q2.to(dt), s2.to(dt), PREC))
-            den_state = z0 + tl.sum(q1 * z1[None, :], axis=1) + tl.sum(q2 * z2[None, :], axis=1)
-            reads_state = doc == doc_prev
-            num += tl.where(reads_state[:, None], num_state, 0.0)
-            den += tl.where(reads_state, den_state, 0.0) + eps
-            o = num / den[:, None]
-            tl.store(o_ptr + offs_t[:, None] * sot + offs_v[None, :], o.to(OUT.dtype.element_ty),
-                     mask=mask_t[:, None] & mask_v[None, :])
-            if i_v == 0:
-                tl.store(den_ptr + offs_t, den, mask=mask_t)
-        writes = mask_t & (doc == doc_last)
-        wf = writes.to(tl.float32)
-        kf = k.to(tl.float32)
-        k1 = kf * c1
-        k2 = _expand2(kf, BT, FP) * c2
-        vw = tl.where(writes[:, None], v, 0.0).to(dt)
-        s0 = s0 * carry + tl.sum(vw.to(tl.float32), axis=0)
-        s1 = s1 * carry + _mm(tl.trans(k1.to(dt)), vw, PREC)
-        s2 = s2 * carry + _mm(tl.trans(k2.to(dt)), vw, PREC)
-        z0 = z0 * carry + tl.sum(wf, axis=0)
-        z1 = z1 * carry + tl.sum(k1 * wf[:, None], axis=0)
-        z2 = z2 * carry + tl.sum(k2 * wf[:, None], axis=0)
-        doc_prev = doc_last
-
-    if STORE_STATE:
-        if STATE_ONLY:
-            out_base = i_bh.to(tl.int64) * NSEG + i_s
-            _store_state(S_OUT, Z_OUT, out_base * NF * DV, out_base * NF, offs_v, mask_v, DV,
-                         s0, s1, s2, z0, z1, z2, i_v == 0, F, FP)
-        elif i_s == NSEG - 1:
-            _store_state(S_OUT, Z_OUT, i_bh.to(tl.int64) * NF * DV, i_bh.to(tl.int64) * NF, offs_v, mask_v, DV,
-                         s0, s1, s2, z0, z1, z2, i_v == 0, F, FP)
-
-
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, DOC, DO, DEN, HH, S_IN, Z_IN, DQ,
-                   T, H, DV, SEG_LEN, NSEG,
-                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-                   sdqv, sdqb, sdqt, sdqh,
-                   c1, c2, inv_sqrt_f,
-                   F: tl.constexpr, FP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                   HAS_STATE_IN: tl.constexpr, PREC: tl.constexpr):
-    i_v = tl.program_id(0)
-    i_s = tl.program_id(1)
-    i_bh = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NF = 1 + F + F * F
-    offs_c = tl.arange(0, BT)
+    st_ptr = STATES + i_bh.to(tl.int64) * NC * NP * DV + offs_p[:, None] * DV + offs_v[None, :]
+    z_ptr = ZST + i_bh.to(tl.int64) * NC * NP + offs_p
+    op_dt = STATES.dtype.element_ty
     offs_f = tl.arange(0, FP)
-    mask_f = offs_f < F
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_v = offs_v < DV
-    q_ptr = Q + i_b.to(tl.int64) * sqb + i_h * sqh
-    k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
-    v_ptr = V + i_b.to(tl.int64) * svb + i_h * svh
-    do_ptr = DO + i_b.to(tl.int64) * sdob + i_h * sdoh
-    dq_ptr = DQ + i_v.to(tl.int64) * sdqv + i_b.to(tl.int64) * sdqb + i_h * sdqh
-    doc_ptr = DOC + i_b.to(tl.int64) * T
-    den_ptr = DEN + i_bh.to(tl.int64) * T
-    hh_ptr = HH + i_bh.to(tl.int64) * T
-    dt = V.dtype.element_ty
-    # the normalizer's gradient enters once, through value block 0
-    first_block = (i_v == 0).to(tl.float32)
-
-    if HAS_STATE_IN:
-        s_base = (i_bh.to(tl.int64) * NSEG + i_s) * NF * DV
-        z_base = (i_bh.to(tl.int64) * NSEG + i_s) * NF
-        s0, s1, s2, z0, z1, z2 = _load_state(S_IN, Z_IN, s_base, z_base, offs_v, mask_v, DV, F, FP)
+    sel_i, sel_j, has_i, has_j, coef = _feature_block(IDX_I, IDX_J, COEF, p0, BF, FP)
+    if HAS_S0:
+        s = tl.load(S0 + i_bh.to(tl.int64) * NP * DV + offs_p[:, None] * DV + offs_v[None, :], mask=mask_v[None, :],
+                    other=0.0)
+        z = tl.load(Z0 + i_bh.to(tl.int64) * NP + offs_p)
     else:
-        s0 = tl.zeros([BV], dtype=tl.float32)
-        s1 = tl.zeros([FP, BV], dtype=tl.float32)
-        s2 = tl.zeros([FP * FP, BV], dtype=tl.float32)
-        z0 = tl.zeros([1], dtype=tl.float32)
-        z1 = tl.zeros([FP], dtype=tl.float32)
-        z2 = tl.zeros([FP * FP], dtype=tl.float32)
-
-    t_start = i_s * SEG_LEN
-    t_end = tl.minimum(T, t_start + SEG_LEN)
-    doc_prev = tl.load(doc_ptr + tl.maximum(t_start - 1, 0))
-    for t0 in range(t_start, t_end, BT):
-        offs_t = t0 + offs_c
-        mask_t = offs_t < t_end
-        q = tl.load(q_ptr + offs_t[:, None] * sqt + offs_f[None, :], mask=mask_t[:, None] & mask_f[None, :], other=0.0)
-        k = tl.load(k_ptr + offs_t[:, None] * skt + offs_f[None, :], mask=mask_t[:, None] & mask_f[None, :], other=0.0)
-        v = tl.load(v_ptr + offs_t[:, None] * svt + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-        do = tl.load(do_ptr + offs_t[:, None] * sdot + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-        den = tl.load(den_ptr + offs_t, mask=mask_t, other=1.0)
-        hh = tl.load(hh_ptr + offs_t, mask=mask_t, other=0.0) * first_block
-        doc = tl.load(doc_ptr + offs_t, mask=mask_t, other=0)
-        doc_last = tl.load(doc_ptr + tl.minimum(t0 + BT, t_end) - 1)
-        carry = (doc_last == doc_prev).to(tl.float32)
-        g = (do.to(tl.float32) / den[:, None]).to(dt)
-
-        scores = _mm(q, tl.trans(k), PREC) * inv_sqrt_f
-        keep = (offs_t[:, None] >= offs_t[None, :]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
-        dsim = _mm(g, tl.trans(v), PREC) + hh[:, None]
-        dscores = tl.where(keep, dsim * (1.0 + scores), 0.0)
-        dq = _mm(dscores.to(dt), k, PREC) * inv_sqrt_f
-
-        reads_state = doc == doc_prev
-        g_state = tl.where(reads_state[:, None], g, 0.0).to(dt)
-        h_state = tl.where(reads_state, hh, 0.0)
-        dphi1 = _mm(g_state, tl.trans(s1.to(dt)), PREC) + h_state[:, None] * z1[None, :]
-        dphi2 = _mm(g_state, tl.trans(s2.to(dt)), PREC) + h_state[:, None] * z2[None, :]
-        qf = q.to(tl.float32)
-        dq += c1 * dphi1 + c2 * _contract2(dphi2, qf, BT, FP)
-        tl.store(dq_ptr + offs_t[:, None] * sdqt + offs_f[None, :], dq, mask=mask_t[:, None] & mask_f[None, :])
-
-        writes = mask_t & (doc == doc_last)
-        wf = writes.to(tl.float32)
-        kf = k.to(tl.float32)
-        k1 = kf * c1
-        k2 = _expand2(kf, BT, FP) * c2
-        vw = tl.where(writes[:, None], v, 0.0).to(dt)
-        s0 = s0 * carry + tl.sum(vw.to(tl.float32), axis=0)
-        s1 = s1 * carry + _mm(tl.trans(k1.to(dt)), vw, PREC)
-        s2 = s2 * carry + _mm(tl.trans(k2.to(dt)), vw, PREC)
-        z0 = z0 * carry + tl.sum(wf, axis=0)
-        z1 = z1 * carry + tl.sum(k1 * wf[:, None], axis=0)
-        z2 = z2 * carry + tl.sum(k2 * wf[:, None], axis=0)
-        doc_prev = doc_last
-
-
-@triton.jit
-def _bwd_dkv_kernel(Q, K, V, DOC, DO, DEN, HH, DS_IN, DZ_IN, DK, DVAL, DS_OUT, DZ_OUT,
-                    T, H, DV, SEG_LEN, NSEG, SEG_OFFSET,
-                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-                    sdkv, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                    c1, c2, inv_sqrt_f,
-                    F: tl.constexpr, FP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                    HAS_STATE_IN: tl.constexpr, STORE_STATE: tl.constexpr, STATE_ONLY: tl.constexpr,
-                    PREC: tl.constexpr):
-    i_v = tl.program_id(0)
-    i_s = tl.program_id(1) + SEG_OFFSET
-    i_bh = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NF = 1 + F + F * F
-    offs_c = tl.arange(0, BT)
-    offs_f = tl.arange(0, FP)
-    mask_f = offs_f < F
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_v = offs_v < DV
-    q_ptr = Q + i_b.to(tl.int64) * sqb + i_h * sqh
-    k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
-    v_ptr = V + i_b.to(tl.int64) * svb + i_h * svh
-    do_ptr = DO + i_b.to(tl.int64) * sdob + i_h * sdoh
-    dk_ptr = DK + i_v.to(tl.int64) * sdkv + i_b.to(tl.int64) * sdkb + i_h * sdkh
-    dv_ptr = DVAL + i_b.to(tl.int64) * sdvb + i_h * sdvh
-    doc_ptr = DOC + i_b.to(tl.int64) * T
-    den_ptr = DEN + i_bh.to(tl.int64) * T
-    hh_ptr = HH + i_bh.to(tl.int64) * T
-    dt = V.dtype.element_ty
-    first_block = (i_v == 0).to(tl.float32)
-
-    # dS: the gradient of the state after the current chunk (for the last chunk: after the segment)
-    if HAS_STATE_IN:
-        s_base = (i_bh.to(tl.int64) * NSEG + i_s) * NF * DV
-        z_base = (i_bh.to(tl.int64) * NSEG + i_s) * NF
-        ds0, ds1, ds2, dz0, dz1, dz2 = _load_state(DS_IN, DZ_IN, s_base, z_base, offs_v, mask_v, DV, F, FP)
-        dz0 = dz0 * first_block
-        dz1 = dz1 * first_block
-        dz2 = dz2 * first_block
-    else:
-        ds0 = tl.zeros([BV], dtype=tl.float32)
-        ds1 = tl.zeros([FP, BV], dtype=tl.float32)
-        ds2 = tl.zeros([FP * FP, BV], dtype=tl.float32)
-        dz0 = tl.zeros([1], dtype=tl.float32)
-        dz1 = tl.zeros([FP], dtype=tl.float32)
-        dz2 = tl.zeros([FP * FP], dtype=tl.float32)
-
-    t_start = i_s * SEG_LEN
-    t_end = tl.minimum(T, t_start + SEG_LEN)
-    n_chunks = tl.cdiv(t_end - t_start, BT)
-    for i_c in range(n_chunks):
-        t0 = t_start + (n_chunks - 1 - i_c) * BT
-        offs_t = t0 + offs_c
-        mask_t = offs_t < t_end
-        q = tl.load(q_ptr + offs_t[:, None] * sqt + offs_f[None, :], mask=mask_t[:, None] & mask_f[None, :], other=0.0)
-        v = tl.load(v_ptr + offs_t[:, None] * svt + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-        do = tl.load(do_ptr + offs_t[:, None] * sdot + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-        den = tl.load(den_ptr + offs_t, mask=mask_t, other=1.0)
-        hh = tl.load(hh_ptr + offs_t, mask=mask_t, other=0.0) * first_block
-        doc = tl.load(doc_ptr + offs_t, mask=mask_t, other=0)
-        doc_prev = tl.load(doc_ptr + tl.maximum(t0 - 1, 0))
-        doc_last = tl.load(doc_ptr + tl.minimum(t0 + BT, t_end) - 1)
-        carry = (doc_last == doc_prev).to(tl.float32)
-        g = (do.to(tl.float32) / den[:, None]).to(dt)
-        qf = q.to(tl.float32)
-        if not STATE_ONLY:
-            k = tl.load(k_ptr + offs_t[:, None] * skt + offs_f[None, :], mask=mask_t[:, None] & mask_f[None, :],
-                        other=0.0)
-            # transposed intra-chunk blocks: rows are keys j, columns are queries i
-            scores_t = _mm(k, tl.trans(q), PREC) * inv_sqrt_f
-            keep_t = (offs_t[None, :] >= offs_t[:, None]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
-            sim_t = tl.where(keep_t, 1.0 + scores_t + 0.5 * scores_t * scores_t, 0.0)
-            dv = _mm(sim_t.to(dt), g, PREC)
-            dsim_t = _mm(v, tl.trans(g), PREC) + hh[None, :]
-            dscores_t = tl.where(keep_t, dsim_t * (1.0 + scores_t), 0.0)
-            dk = _mm(dscores_t.to(dt), q, PREC) * inv_sqrt_f
-
-            writes = mask_t & (doc == doc_last)
-            kf = k.to(tl.float32)
-            k1 = kf * c1
-            k2 = _expand2(kf, BT, FP) * c2
-            dv_state = (ds0[None, :] + _mm(k1.to(dt), ds1.to(dt), PREC)
-                        + _mm(k2.to(dt), ds2.to(dt), PREC))
-            dv += tl.where(writes[:, None], dv_state, 0.0)
-            dphi1 = _mm(v, tl.trans(ds1.to(dt)), PREC) + dz1[None, :]
-            dphi2 = _mm(v, tl.trans(ds2.to(dt)), PREC) + dz2[None, :]
-            dk_state = c1 * dphi1 + c2 * _contract2(dphi2, kf, BT, FP)
-            dk += tl.where(writes[:, None], dk_state, 0.0)
-            tl.store(dv_ptr + offs_t[:, None] * sdvt + offs_v[None, :], dv.to(DVAL.dtype.element_ty),
-                     mask=mask_t[:, None] & mask_v[None, :])
-            tl.store(dk_ptr + offs_t[:, None] * sdkt + offs_f[None, :], dk, mask=mask_t[:, None] & mask_f[None, :])
-
-        reads_state = mask_t & (doc == doc_prev)
-        g_state = tl.where(reads_state[:, None], g, 0.0).to(dt)
-        h_state = tl.where(reads_state, hh, 0.0)
-        q1 = qf * c1
-        q2 = _expand2(qf, BT, FP) * c2
-        ds0 = ds0 * carry + tl.sum(g_state.to(tl.float32), axis=0)
-        ds1 = ds1 * carry + _mm(tl.trans(q1.to(dt)), g_state, PREC)
-        ds2 = ds2 * carry + _mm(tl.trans(q2.to(dt)), g_state, PREC)
-        dz0 = dz0 * carry + tl.sum(h_state, axis=0)
-        dz1 = dz1 * carry + tl.sum(q1 * h_state[:, None], axis=0)
-        dz2 = dz2 * carry + tl.sum(q2 * h_state[:, None], axis=0)
-
-    if STORE_STATE:
-        if STATE_ONLY:
-            out_base = i_bh.to(tl.int64) * NSEG + i_s
-            _store_state(DS_OUT, DZ_OUT, out_base * NF * DV, out_base * NF, offs_v, mask_v, DV,
-                         ds0, ds1, ds2, dz0, dz1, dz2, i_v == 0, F, FP)
-        elif i_s == 0:
-            _store_state(DS_OUT, DZ_OUT, i_bh.to(tl.int64) * NF * DV, i_bh.to(tl.int64) * NF, offs_v, mask_v, DV,
-                         ds0, ds1, ds2, dz0, dz1, dz2, i_v == 0, F, FP)
-
-
-@triton.jit
-def _scan_kernel(LOCAL, INIT, H0, CARRY, NSEG, N, H,
-                 HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    """INIT[s] = state entering segment s: a carried running sum over LOCAL with resets (CARRY 0)."""
-    i_bh = tl.program_id(0)
-    i_n = tl.program_id(1)
-    i_b = i_bh // H
-    offs = i_n * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    base = i_bh.to(tl.int64) * NSEG * N
-    if HAS_H0:
-        acc = tl.load(H0 + i_bh.to(tl.int64) * N + offs, mask=mask, other=0.0)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(NSEG - 1):
+        s = tl.zeros([BF, BV], dtype=tl.float32)
+        z = tl.zeros([BF], dtype=tl.float32)
+    for i in range(NC):
         if REVERSE:
-            s = NSEG - 1 - j
+            c = NC - 1 - i
         else:
-            s = j
-        tl.store(INIT + base + s * N + offs, acc, mask=mask)
-        c = tl.load(CARRY + i_b * NSEG + s)
-        acc = acc * c + tl.load(LOCAL + base + s * N + offs, mask=mask, other=0.0)
-    if REVERSE:
-        last = 0
-    else:
-        last = NSEG - 1
-    tl.store(INIT + base + last * N + offs, acc, mask=mask)
+            c = i
+        t0 = c * BC
+        offs_t = t0 + tl.arange(0, BC)
+        mask_t = offs_t < T
+        tl.store(st_ptr + c * NP * DV, s.to(op_dt), mask=mask_v[None, :])
+        if i_v == 0:
+            tl.store(z_ptr + c * NP, z)
+        doc, doc_prev, doc_last = _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC)
+        carry = (doc_last == doc_prev).to(tl.float32)
+        x = tl.load(x_ptr + offs_t[:, None] * sxt + offs_f[None, :], mask=mask_t[:, None] & (offs_f < F)[None, :],
+                    other=0.0)
+        phi, xi, xj = _features(x, sel_i, sel_j, has_i, has_j, coef, SEL_PREC)
+        y = tl.load(y_ptr + offs_t[:, None] * syt + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :],
+                    other=0.0)
+        if REVERSE:
+            sel = mask_t & (doc == doc_prev)
+            den = tl.load(DEN + i_bh.to(tl.int64) * T + offs_t, mask=mask_t, other=1.0)
+            hh = tl.load(HH + i_bh.to(tl.int64) * T + offs_t, mask=mask_t, other=0.0)
+            y = y.to(tl.float32) / den[:, None]
+            zw = tl.where(sel, hh, 0.0)
+        else:
+            sel = mask_t & (doc == doc_last)
+            zw = sel.to(tl.float32)
+        phi_sel = tl.where(sel[:, None], phi, 0.0)
+        s = s * carry + _mm(tl.trans(phi_sel).to(op_dt), y.to(op_dt), PREC)
+        z = z * carry + tl.sum(phi * zw[:, None], axis=0)
+    if STORE_END:
+        tl.store(S_END + i_bh.to(tl.int64) * NP * DV + offs_p[:, None] * DV + offs_v[None, :], s,
+                 mask=mask_v[None, :])
+        if i_v == 0:
+            tl.store(Z_END + i_bh.to(tl.int64) * NP + offs_p, z)
+
+
+@triton.jit
+def _intra_scores(q, k, offs_t, mask_t, doc, inv_sqrt_f, PREC: tl.constexpr):
+    """x = q k^T / sqrt(F) [BC, BC] and the causal same-document mask of one chunk."""
+    x = _mm(q, tl.trans(k), PREC) * inv_sqrt_f
+    keep = (offs_t[:, None] >= offs_t[None, :]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
+    return x, keep
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, DOC, OUT, DEN, STATES, ZST, IDX_I, IDX_J, COEF,
+                T, H, DV, NC, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                eps, inv_sqrt_f,
+                F: tl.constexpr, FP: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr, BF: tl.constexpr,
+                BV: tl.constexpr, PREC: tl.constexpr, SEL_PREC: tl.constexpr):
+    """Output of one chunk and value block: intra-chunk part plus phi(q) S_c, normalized."""
+    i_c = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    t0 = i_c * BC
+    offs_t = t0 + tl.arange(0, BC)
+    mask_t = offs_t < T
+    offs_f = tl.arange(0, FP)
+    mask_qk = mask_t[:, None] & (offs_f < F)[None, :]
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < DV
+    q_ptr = Q + i_b.to(tl.int64) * sqb + i_h * sqh
+    k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
+    v_ptr = V + i_b.to(tl.int64) * svb + i_h * svh
+    doc_ptr = DOC + i_b.to(tl.int64) * T
+    op_dt = STATES.dtype.element_ty
+    dt = V.dtype.element_ty
+    q = tl.load(q_ptr + offs_t[:, None] * sqt + offs_f[None, :], mask=mask_qk, other=0.0)
+    k = tl.load(k_ptr + offs_t[:, None] * skt + offs_f[None, :], mask=mask_qk, other=0.0)
+    v = tl.load(v_ptr + offs_t[:, None] * svt + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+    doc, doc_prev, doc_last = _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC)
+    x, keep = _intra_scores(q, k, offs_t, mask_t, doc, inv_sqrt_f, PREC)
+    sim = tl.where(keep, 1.0 + x + 0.5 * x * x, 0.0)
+    num = _mm(sim.to(dt), v, PREC)
+    den = tl.sum(sim, axis=1)
+
+    st_ptr = STATES + (i_bh.to(tl.int64) * NC + i_c) * NP * DV
+    z_ptr = ZST + (i_bh.to(tl.int64) * NC + i_c) * NP
+    num_s = tl.zeros([BC, BV], dtype=tl.float32)
+    den_s = tl.zeros([BC], dtype=tl.float32)
+    for p0 in range(0, NP, BF):
+        offs_p = p0 + tl.arange(0, BF)
+        sel_i, sel_j, has_i, has_j, coef = _feature_block(IDX_I, IDX_J, COEF, p0, BF, FP)
+        phi, xi, xj = _features(q, sel_i, sel_j, has_i, has_j, coef, SEL_PREC)
+        s = tl.load(st_ptr + offs_p[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+        num_s += _mm(phi.to(op_dt), s, PREC)
+        den_s += tl.sum(phi * tl.load(z_ptr + offs_p)[None, :], axis=1)
+    reads = doc == doc_prev
+    num += tl.where(reads[:, None], num_s, 0.0)
+    den += tl.where(reads, den_s, 0.0) + eps
+    o = num / den[:, None]
+    o_ptr = OUT + i_b.to(tl.int64) * sob + i_h * soh
+    tl.store(o_ptr + offs_t[:, None] * sot + offs_v[None, :], o.to(OUT.dtype.element_ty),
+             mask=mask_t[:, None] & mask_v[None, :])
+    if i_v == 0:
+        tl.store(DEN + i_bh.to(tl.int64) * T + offs_t, den, mask=mask_t)
+
+
+@triton.jit
+def _bwd_chunk(Q, K, V, DOC, DO, DEN, HH, i_c, i_v, i_bh, T, H, DV,
+               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, inv_sqrt_f,
+               F: tl.constexpr, FP: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """What both backward kernels load and recompute for one chunk and value block: q, k, v, g = dO / den,
+    the normalizer gradient h (value block 0 only), the document masks, and the intra-chunk
+    a = 1 + x + x^2/2 and dL/dx (this value block's part)."""
+    i_b = i_bh // H
+    i_h = i_bh % H
+    t0 = i_c * BC
+    offs_t = t0 + tl.arange(0, BC)
+    mask_t = offs_t < T
+    offs_f = tl.arange(0, FP)
+    mask_qk = mask_t[:, None] & (offs_f < F)[None, :]
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_tv = mask_t[:, None] & (offs_v < DV)[None, :]
+    dt = V.dtype.element_ty
+    q = tl.load(Q + i_b.to(tl.int64) * sqb + i_h * sqh + offs_t[:, None] * sqt + offs_f[None, :], mask=mask_qk,
+                other=0.0)
+    k = tl.load(K + i_b.to(tl.int64) * skb + i_h * skh + offs_t[:, None] * skt + offs_f[None, :], mask=mask_qk,
+                other=0.0)
+    v = tl.load(V + i_b.to(tl.int64) * svb + i_h * svh + offs_t[:, None] * svt + offs_v[None, :], mask=mask_tv,
+                other=0.0)
+    do = tl.load(DO + i_b.to(tl.int64) * sdob + i_h * sdoh + offs_t[:, None] * sdot + offs_v[None, :],
+                 mask=mask_tv, other=0.0)
+    den = tl.load(DEN + i_bh.to(tl.int64) * T + offs_t, mask=mask_t, other=1.0)
+    # the normalizer's gradient enters once, through value block 0
+    hh = tl.load(HH + i_bh.to(tl.int64) * T + offs_t, mask=mask_t, other=0.0) * (i_v == 0).to(tl.float32)
+    g = (do.to(tl.float32) / den[:, None]).to(dt)
+    doc, doc_prev, doc_last = _chunk_docs(DOC + i_b.to(tl.int64) * T, t0, offs_t, mask_t, T, BC)
+    x, keep = _intra_scores(q, k, offs_t, mask_t, doc, inv_sqrt_f, PREC)
+    da = _mm(g, tl.trans(v), PREC) + hh[:, None]
+    dx = tl.where(keep, da * (1.0 + x), 0.0).to(dt)
+    a = tl.where(keep, 1.0 + x + 0.5 * x * x, 0.0).to(dt)
+    return q, k, v, g, hh, doc == doc_prev, mask_t & (doc == doc_last), a, dx, offs_t, mask_t, offs_v, mask_tv
+
+
+@triton.jit
+def _store_qk_grad(DX, dx, i_v, i_bh, H, offs_t, mask_t, sv, sb, st, sh, F: tl.constexpr, FP: tl.constexpr):
+    """Store this value block's part of dq or dk [BC, FP] into DX [NV, B, T, H, F] (fp32)."""
+    offs_f = tl.arange(0, FP)
+    ptr = DX + i_v.to(tl.int64) * sv + (i_bh // H).to(tl.int64) * sb + (i_bh % H) * sh
+    tl.store(ptr + offs_t[:, None] * st + offs_f[None, :], dx, mask=mask_t[:, None] & (offs_f < F)[None, :])
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DOC, DO, DEN, HH, STATES, ZST, DQ, IDX_I, IDX_J, COEF,
+                   T, H, DV, NC, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+                   sdqv, sdqb, sdqt, sdqh, inv_sqrt_f,
+                   F: tl.constexpr, FP: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr, BF: tl.constexpr,
+                   BV: tl.constexpr, PREC: tl.constexpr, SEL_PREC: tl.constexpr, CHAIN_PREC: tl.constexpr):
+    """dq of one chunk, this value block's part (summed over value blocks on the host): intra-chunk plus
+    the readout of S_c by the queries of the document before the chunk."""
+    i_c = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    q, k, v, g, hh, reads, writes, a, dx, offs_t, mask_t, offs_v, mask_tv = _bwd_chunk(
+        Q, K, V, DOC, DO, DEN, HH, i_c, i_v, i_bh, T, H, DV, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+        sdob, sdot, sdoh, inv_sqrt_f, F, FP, BC, BV, PREC)
+    dq = _mm(dx, k, PREC) * inv_sqrt_f
+    op_dt = STATES.dtype.element_ty
+    g_r = tl.where(reads[:, None], g, 0.0).to(op_dt)
+    h_r = tl.where(reads, hh, 0.0)
+    mask_v = offs_v < DV
+    st_ptr = STATES + (i_bh.to(tl.int64) * NC + i_c) * NP * DV
+    z_ptr = ZST + (i_bh.to(tl.int64) * NC + i_c) * NP
+    for p0 in range(0, NP, BF):
+        offs_p = p0 + tl.arange(0, BF)
+        s = tl.load(st_ptr + offs_p[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+        z = tl.load(z_ptr + offs_p)
+        sel_i, sel_j, has_i, has_j, coef = _feature_block(IDX_I, IDX_J, COEF, p0, BF, FP)
+        phi_q, qi, qj = _features(q, sel_i, sel_j, has_i, has_j, coef, SEL_PREC)
+        dphi_q = _mm(g_r, tl.trans(s), PREC) + h_r[:, None] * z[None, :]
+        dq += _features_grad(dphi_q, qi, qj, sel_i, sel_j, coef, CHAIN_PREC)
+    _store_qk_grad(DQ, dq, i_v, i_bh, H, offs_t, mask_t, sdqv, sdqb, sdqt, sdqh, F, FP)
+
+
+@triton.jit
+def _bwd_dkv_kernel(Q, K, V, DOC, DO, DEN, HH, DSTATES, DZST, DK, DVAL, IDX_I, IDX_J, COEF,
+                    T, H, DV, NC, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+                    sdqv, sdqb, sdqt, sdqh, sdvb, sdvt, sdvh, inv_sqrt_f,
+                    F: tl.constexpr, FP: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr, BF: tl.constexpr,
+                    BV: tl.constexpr, PREC: tl.constexpr, SEL_PREC: tl.constexpr, CHAIN_PREC: tl.constexpr):
+    """dk (this value block's part) and dv of one chunk: intra-chunk plus, for the keys of the chunk's last
+    document, the gradient dS_c of the state after the chunk."""
+    i_c = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    q, k, v, g, hh, reads, writes, a, dx, offs_t, mask_t, offs_v, mask_tv = _bwd_chunk(
+        Q, K, V, DOC, DO, DEN, HH, i_c, i_v, i_bh, T, H, DV, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+        sdob, sdot, sdoh, inv_sqrt_f, F, FP, BC, BV, PREC)
+    dval = _mm(tl.trans(a), g, PREC)
+    dk = _mm(tl.trans(dx), q, PREC) * inv_sqrt_f
+    op_dt = DSTATES.dtype.element_ty
+    v_w = tl.where(writes[:, None], v, 0.0).to(op_dt)
+    first_block = (i_v == 0).to(tl.float32)
+    mask_v = offs_v < DV
+    dst_ptr = DSTATES + (i_bh.to(tl.int64) * NC + i_c) * NP * DV
+    dz_ptr = DZST + (i_bh.to(tl.int64) * NC + i_c) * NP
+    for p0 in range(0, NP, BF):
+        offs_p = p0 + tl.arange(0, BF)
+        ds = tl.load(dst_ptr + offs_p[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+        dz = tl.load(dz_ptr + offs_p) * first_block
+        sel_i, sel_j, has_i, has_j, coef = _feature_block(IDX_I, IDX_J, COEF, p0, BF, FP)
+        phi_k, ki, kj = _features(k, sel_i, sel_j, has_i, has_j, coef, SEL_PREC)
+        phi_k = tl.where(writes[:, None], phi_k, 0.0)
+        dval += _mm(phi_k.to(op_dt), ds, PREC)
+        dphi_k = tl.where(writes[:, None], _mm(v_w, tl.trans(ds), PREC) + dz[None, :], 0.0)
+        dk += _features_grad(dphi_k, ki, kj, sel_i, sel_j, coef, CHAIN_PREC)
+    _store_qk_grad(DK, dk, i_v, i_bh, H, offs_t, mask_t, sdqv, sdqb, sdqt, sdqh, F, FP)
+    i_b = i_bh // H
+    tl.store(DVAL + i_b.to(tl.int64) * sdvb + (i_bh % H) * sdvh + offs_t[:, None] * sdvt + offs_v[None, :],
+             dval.to(DVAL.dtype.element_ty), mask=mask_tv)
 
 
 @triton.jit
@@ -430,6 +354,16 @@ def _normalizer_grad_kernel(OUT, DO, DEN, HH, T, H, DV, sob, sot, soh, sdob, sdo
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     den = tl.load(DEN + i_bh.to(tl.int64) * T + offs_t, mask=offs_t < T, other=1.0)
     tl.store(HH + i_bh.to(tl.int64) * T + offs_t, -delta / den, mask=offs_t < T)
+
+
+@triton.jit
+def _state_rows(F: tl.constexpr, FP: tl.constexpr):
+    """Row indices of the first- and second-order features in the 1+F+F*F state, and their masks."""
+    r1 = tl.arange(0, FP)
+    r2 = tl.arange(0, FP * FP)
+    a = r2 // FP
+    b = r2 % FP
+    return 1 + r1, r1 < F, 1 + F + a * F + b, (a < F) & (b < F)
 
 
 @triton.jit
@@ -479,107 +413,182 @@ def _step_kernel(Q, K, V, S, Z, OUT, H, DV, eps, c1, c2,
 # host side
 
 
-class Plan:
-    """Block sizes and the segment split of one call (chunk BT, value block BV, segment length)."""
+class Layout:
+    """The kernels' state rows: the symmetric form of the published features.
 
-    def __init__(self, batch: int, seqlen: int, heads: int, feature_dim: int, value_dim: int, device,
-                 chunk_size: int | None = None, block_v: int | None = None, segment_len: int | None = None,
-                 num_warps: int | None = None) -> None:
+    Published rows (1 + F + F*F): [1, x / F^(1/4), x_i x_j / sqrt(2F) for all i, j]. The pair (i, j) and
+    (j, i) carry the same feature, so the kernels keep one row per pair i <= j (coefficient 1/sqrt(2F) on
+    the diagonal, sqrt(2) / sqrt(2F) off it): 1 + F + F(F+1)/2 rows (153 for F = 16, 44% fewer than 273),
+    padded with zero rows to a multiple of the feature block. phi_sym(q) . phi_sym(k) = phi(q) . phi(k).
+
+    Tables per row: the indices i, j of the two factors of x_i x_j (-1 stands for the factor 1) and the
+    coefficient. Maps between the layouts (fp32): `to_sym` [NP, NF] reads a published state as the kernels'
+    (S_sym = to_sym S, exact for any S, symmetric or not, since the readout only sees S_ij + S_ji);
+    `to_pub` [NF, NP] writes a kernel state in the published layout (S_ij = S_ji; exact for states built
+    from keys). `to_sym` applied after `to_pub` is the identity.
+    """
+
+    def __init__(self, feature_dim: int, block_f: int, device: torch.device | str) -> None:
+        f = feature_dim
+        pairs = [(i, j) for i in range(f) for j in range(i, f)]
+        self.NF = 1 + f + f * f
+        self.NS = 1 + f + len(pairs)
+        self.NP = triton.cdiv(self.NS, block_f) * block_f
+        idx_i = torch.full((self.NP,), -1, dtype=torch.int32)
+        idx_j = torch.full((self.NP,), -1, dtype=torch.int32)
+        coef = torch.zeros(self.NP, dtype=torch.float64)
+        to_sym = torch.zeros(self.NP, self.NF, dtype=torch.float64)
+        coef[0] = 1.0
+        to_sym[0, 0] = 1.0
+        for j in range(f):
+            idx_j[1 + j] = j
+            coef[1 + j] = f**-0.25
+            to_sym[1 + j, 1 + j] = 1.0
+        c2 = 1.0 / math.sqrt(2.0 * f)
+        for row, (i, j) in enumerate(pairs, start=1 + f):
+            idx_i[row], idx_j[row] = i, j
+            if i == j:
+                coef[row] = c2
+                to_sym[row, 1 + f + i * f + i] = 1.0
+            else:
+                coef[row] = math.sqrt(2.0) * c2
+                to_sym[row, 1 + f + i * f + j] = to_sym[row, 1 + f + j * f + i] = 2.0**-0.5
+        to_pub = to_sym.t().clone()
+        self.tables = (idx_i.to(device), idx_j.to(device), coef.float().to(device))
+        self.to_sym = to_sym.float().to(device)
+        self.to_pub = to_pub.float().to(device)
+
+    def sym(self, state: torch.Tensor) -> torch.Tensor:
+        """[BH, NF(, Dv)] published -> [BH, NP(, Dv)] fp32 contiguous."""
+        return torch.einsum("pn,bn...->bp...", self.to_sym, state.float()).contiguous()
+
+    def pub(self, state: torch.Tensor) -> torch.Tensor:
+        """[BH, NP(, Dv)] -> [BH, NF(, Dv)] published, symmetric in (i, j)."""
+        return torch.einsum("np,bp...->bn...", self.to_pub, state)
+
+    def antisym(self, state: torch.Tensor) -> torch.Tensor:
+        """The part of a published state that the symmetric rows drop: state - pub(sym(state))."""
+        return state.float() - self.pub(self.sym(state))
+
+
+@functools.cache
+def layout(feature_dim: int, block_f: int, device: str) -> Layout:
+    return Layout(feature_dim, block_f, device)
+
+
+class Plan:
+    """Block sizes of one call: chunk BC, feature block BF, value blocks BV (forward output), BVS (state
+    passes) and BVB (backward), warps per kernel. Defaults: the fastest of the configurations timed on an
+    H100 (docs/PERFORMANCE.md)."""
+
+    def __init__(self, seqlen: int, feature_dim: int, value_dim: int, chunk_size: int | None = None,
+                 block_f: int | None = None, block_v: int | None = None, block_v_state: int | None = None,
+                 block_v_bwd: int | None = None, num_warps: int | None = None, bwd_warps: int | None = None) -> None:
         self.F = feature_dim
         self.FP = max(16, next_pow2(feature_dim))
-        self.BT = chunk_size or 64
-        # fastest of the configurations timed on an H100 (docs/PERFORMANCE.md): one value block up to 128
-        # wide, 8 warps (every configuration spills the fp32 state; this one re-expands phi(q), phi(k) least)
+        self.BC = chunk_size or 128
+        self.BF = block_f or 32
+        self.NF = 1 + feature_dim + feature_dim * feature_dim
         self.BV = block_v or min(128, max(16, next_pow2(value_dim)))
+        self.BVS = block_v_state or min(128, max(16, next_pow2(value_dim)))
         self.NV = triton.cdiv(value_dim, self.BV)
-        self.num_warps = num_warps or 8
-        n_chunks = max(1, triton.cdiv(seqlen, self.BT))
-        if segment_len is None:
-            programs = batch * heads * self.NV
-            want = triton.cdiv(2 * num_sms(device), programs)
-            nseg = max(1, min(want, n_chunks // 4))
-            segment_len = triton.cdiv(n_chunks, nseg) * self.BT
-        if segment_len % self.BT:
-            raise ValueError(f"segment_len {segment_len} must be a multiple of the chunk size {self.BT}")
-        self.seg_len = max(segment_len, self.BT)
-        self.NSEG = max(1, triton.cdiv(seqlen, self.seg_len))
-        self.c1 = feature_dim**-0.25
-        self.c2 = 1.0 / math.sqrt(2.0 * feature_dim)
+        self.NVS = triton.cdiv(value_dim, self.BVS)
+        self.BVB = block_v_bwd or min(128, max(16, next_pow2(value_dim)))
+        self.NC = max(1, triton.cdiv(seqlen, self.BC))
+        self.num_warps = num_warps or (8 if self.BV * self.BC >= 8192 else 4)
+        self.bwd_warps = bwd_warps or (8 if self.BVB * self.BC >= 8192 else 4)
         self.inv_sqrt_f = 1.0 / math.sqrt(feature_dim)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # bf16/fp16 operands go to the tensor cores as they are; fp32 operands use tf32 on the GPU (about 1e-3
-    # relative) and exact fp32 products in the interpreter, where the CPU tests hold them to 2e-5
+def _precision(dtype: torch.dtype) -> dict:
+    """Products' precision. PREC: bf16/fp16 operands go to the tensor cores as they are; fp32 operands use
+    tf32 on the GPU (about 1e-3 relative) and exact fp32 products in the interpreter, where the CPU tests
+    hold them to 2e-5. SEL_PREC (gathering q, k columns) and CHAIN_PREC (the chain rule of phi): 3xtf32 on
+    the GPU for fp32 inputs (fp32 accuracy)."""
     if interpreting():
-        return "ieee" if dtype == torch.float32 else "emulate"
-    return "tf32"
+        prec = "ieee" if dtype == torch.float32 else "emulate"
+        return {"PREC": prec, "SEL_PREC": prec, "CHAIN_PREC": "ieee"}
+    if dtype == torch.float32:
+        return {"PREC": "tf32", "SEL_PREC": "tf32x3", "CHAIN_PREC": "tf32x3"}
+    # 16-bit inputs: the gathers are exact for any precision; the chain rule's tf32 (2^-11) stays far below
+    # the rounding of the 16-bit gradient it feeds
+    return {"PREC": "tf32", "SEL_PREC": "tf32", "CHAIN_PREC": "tf32"}
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _segment_carry(docs: torch.Tensor, seqlen: int, seg_len: int, nseg: int) -> torch.Tensor:
-    """[B, NSEG] fp32: 1 where the state entering a segment survives to its end (no document starts in it)."""
-    starts = torch.arange(nseg, device=docs.device) * seg_len
-    ends = torch.clamp(starts + seg_len, max=seqlen) - 1
-    before = torch.clamp(starts - 1, min=0)
-    return (docs[:, ends] == docs[:, before]).to(torch.float32).contiguous()
+def _whole_row_carry(docs: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B*H, 1, 1] fp32: 1 where the row is one document (the initial state reaches the final state)."""
+    carry = (docs[:, 0] == docs[:, -1]).float()
+    return carry.repeat_interleave(heads)[:, None, None]
 
 
-def _scan(local: torch.Tensor, h0: torch.Tensor | None, carry: torch.Tensor, heads: int, reverse: bool):
-    """local [BH, NSEG, N] -> init [BH, NSEG, N]: the state (or its gradient) at each segment boundary."""
-    bh, nseg, n = local.shape
-    init = new_output(local.shape, torch.float32, local.device)
-    block = 1024
-    _scan_kernel[(bh, triton.cdiv(n, block))](local, init, h0 if h0 is not None else local, carry, nseg, n, heads,
-                                              HAS_H0=h0 is not None, REVERSE=reverse, BLOCK=block)
-    return init
+def _state_pass(x, y, docs, den, hh, start, plan: Plan, reverse: bool, want_end: bool):
+    """Run the forward (x=k, y=v) or reverse (x=q, y=dO) state pass; returns (states, z states, end), all in
+    the kernels' symmetric layout ([B*H, NC, NP, Dv], [B*H, NC, NP]; end [B*H, NP, Dv], [B*H, NP])."""
+    batch, seqlen, heads, _ = x.shape
+    lay = layout(plan.F, plan.BF, str(x.device))
+    dv = y.shape[-1]
+    bh = batch * heads
+    states = new_output((bh, plan.NC, lay.NP, dv), _state_dtype(y.dtype), y.device)
+    zst = new_output((bh, plan.NC, lay.NP), torch.float32, y.device)
+    end = None
+    if want_end:
+        end = (new_output((bh, lay.NP, dv), torch.float32, y.device),
+               new_output((bh, lay.NP), torch.float32, y.device))
+    prec = _precision(y.dtype)
+    s0, z0 = start if start is not None else (zst, zst)
+    s_end, z_end = end if end is not None else (zst, zst)
+    den = den if den is not None else zst
+    hh = hh if hh is not None else zst
+    _state_pass_kernel[(lay.NP // plan.BF, plan.NVS, bh)](
+        x, y, docs, den, hh, s0, z0, states, zst, s_end, z_end, *lay.tables, seqlen, heads, dv, plan.NC,
+        *_strides3(x), *_strides3(y), F=plan.F, FP=plan.FP, NP=lay.NP, BC=plan.BC, BF=plan.BF, BV=plan.BVS,
+        REVERSE=reverse, HAS_S0=start is not None, STORE_END=want_end, PREC=prec["PREC"], SEL_PREC=prec["SEL_PREC"],
+        num_warps=4)
+    return states, zst, end
 
 
 def forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan: Plan):
-    """Returns o, den [B,H,T], the per-segment initial states (or None), and the final state (or None)."""
+    """Returns o, den [B, H, T], the chunk states (S_c, z_c) and the final state (published layout) or None."""
     batch, seqlen, heads, _ = q.shape
     dv = v.shape[-1]
-    nf = 1 + plan.F + plan.F * plan.F
     bh = batch * heads
+    lay = layout(plan.F, plan.BF, str(q.device))
+    start = None
+    if kv0 is not None:
+        start = (lay.sym(kv0.reshape(bh, plan.NF, dv)), lay.sym(ks0.reshape(bh, plan.NF)))
+    states, zst, end = _state_pass(k, v, docs, None, None, start, plan, reverse=False, want_end=output_final_state)
     o = new_output((batch, seqlen, heads, dv), v.dtype, v.device)
     den = new_output((batch, heads, seqlen), torch.float32, v.device)
-    common = dict(F=plan.F, FP=plan.FP, BT=plan.BT, BV=plan.BV, PREC=_precision(v.dtype), num_warps=plan.num_warps)
-    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o))
-    consts = (eps, plan.c1, plan.c2, plan.inv_sqrt_f)
-    h0 = None if kv0 is None else (kv0.reshape(bh, 1, nf, dv), ks0.reshape(bh, 1, nf))
-    init = h0
-    if plan.NSEG > 1:
-        local_s = new_output((bh, plan.NSEG, nf, dv), torch.float32, v.device)
-        local_z = new_output((bh, plan.NSEG, nf), torch.float32, v.device)
-        grid = (plan.NV, plan.NSEG - 1, bh)
-        _fwd_kernel[grid](q, k, v, docs, o, den, local_s, local_z, local_s, local_z,
-                          seqlen, heads, dv, plan.seg_len, plan.NSEG, 0, *strides, *consts,
-                          HAS_STATE_IN=False, STORE_STATE=True, STATE_ONLY=True, **common)
-        carry = _segment_carry(docs, seqlen, plan.seg_len, plan.NSEG)
-        init = (_scan(local_s.view(bh, plan.NSEG, -1), None if h0 is None else h0[0].reshape(bh, -1), carry,
-                      heads, reverse=False).view(bh, plan.NSEG, nf, dv),
-                _scan(local_z, None if h0 is None else h0[1].reshape(bh, -1), carry, heads, reverse=False))
+    prec = _precision(v.dtype)
+    _fwd_kernel[(plan.NC, plan.NV, bh)](
+        q, k, v, docs, o, den, states, zst, *lay.tables,
+        seqlen, heads, dv, plan.NC, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), eps, plan.inv_sqrt_f,
+        F=plan.F, FP=plan.FP, NP=lay.NP, BC=plan.BC, BF=plan.BF, BV=plan.BV, PREC=prec["PREC"],
+        SEL_PREC=prec["SEL_PREC"], num_warps=plan.num_warps)
     final = None
-    if output_final_state:
-        final = (new_output((batch, heads, nf, dv), torch.float32, v.device),
-                 new_output((batch, heads, nf), torch.float32, v.device))
-    s_in, z_in = init if init is not None else (o, o)
-    s_out, z_out = final if final is not None else (o, o)
-    _fwd_kernel[(plan.NV, plan.NSEG, bh)](q, k, v, docs, o, den, s_in, z_in, s_out, z_out,
-                                          seqlen, heads, dv, plan.seg_len, plan.NSEG, 0, *strides, *consts,
-                                          HAS_STATE_IN=init is not None, STORE_STATE=final is not None,
-                                          STATE_ONLY=False, **common)
-    return o, den, init, final
+    if end is not None:
+        kv, ks = lay.pub(end[0]), lay.pub(end[1])
+        if kv0 is not None:
+            # the part of an asymmetric initial state that the symmetric rows drop, where it is carried
+            carry = _whole_row_carry(docs, heads)
+            kv = kv + carry * lay.antisym(kv0.reshape(bh, plan.NF, dv))
+            ks = ks + carry[:, :, 0] * lay.antisym(ks0.reshape(bh, plan.NF))
+        final = (kv.reshape(batch, heads, plan.NF, dv), ks.reshape(batch, heads, plan.NF))
+    return o, den, (states, zst), final
 
 
-def backward(do, q, k, v, docs, o, den, init, d_final, need_d_initial: bool, plan: Plan):
+def backward(do, q, k, v, docs, o, den, states, d_final, need_d_initial: bool, plan: Plan):
     """Returns dq, dk, dv and the gradient of the initial state (or None)."""
     batch, seqlen, heads, f = q.shape
     dv_dim = v.shape[-1]
-    nf = 1 + f * (f + 1)
     bh = batch * heads
     do = last_dim_contiguous(do)
     hh = new_output((batch, heads, seqlen), torch.float32, v.device)
@@ -587,53 +596,48 @@ def backward(do, q, k, v, docs, o, den, init, d_final, need_d_initial: bool, pla
     bt_hh = max(1, min(64, 4096 // block_d))
     _normalizer_grad_kernel[(triton.cdiv(seqlen, bt_hh), bh)](o, do, den, hh, seqlen, heads, dv_dim,
                                                                *_strides3(o), *_strides3(do), BT=bt_hh, BD=block_d)
-    common = dict(F=plan.F, FP=plan.FP, BT=plan.BT, BV=plan.BV, PREC=_precision(v.dtype), num_warps=plan.num_warps)
-    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do))
-    consts = (plan.c1, plan.c2, plan.inv_sqrt_f)
-    dq_part = new_output((plan.NV, batch, seqlen, heads, f), torch.float32, v.device)
-    dk_part = new_output((plan.NV, batch, seqlen, heads, f), torch.float32, v.device)
+    lay = layout(plan.F, plan.BF, str(q.device))
+    start = None
+    if d_final is not None:
+        d_final = (d_final[0].reshape(bh, plan.NF, dv_dim).float(), d_final[1].reshape(bh, plan.NF).float())
+        # the adjoint of lay.pub
+        start = (torch.einsum("np,bn...->bp...", lay.to_pub, d_final[0]).contiguous(),
+                 torch.einsum("np,bn...->bp...", lay.to_pub, d_final[1]).contiguous())
+    dstates, dzst, d_start = _state_pass(q, do, docs, den, hh, start, plan, reverse=True, want_end=need_d_initial)
+    nvb = triton.cdiv(dv_dim, plan.BVB)
+    dq_part = new_output((nvb, batch, seqlen, heads, f), torch.float32, v.device)
+    dk_part = new_output((nvb, batch, seqlen, heads, f), torch.float32, v.device)
     dval = new_output(v.shape, v.dtype, v.device)
-    s_in, z_in = init if init is not None else (o, o)
-    _bwd_dq_kernel[(plan.NV, plan.NSEG, bh)](q, k, v, docs, do, den, hh, s_in, z_in, dq_part,
-                                             seqlen, heads, dv_dim, plan.seg_len, plan.NSEG, *strides,
-                                             *dq_part.stride()[:4], *consts,
-                                             HAS_STATE_IN=init is not None, **common)
-    ds_in = None if d_final is None else (d_final[0].reshape(bh, 1, nf, dv_dim), d_final[1].reshape(bh, 1, nf))
-    dkv_strides = (*dk_part.stride()[:4], *_strides3(dval))
-    if plan.NSEG > 1:
-        local_s = new_output((bh, plan.NSEG, nf, dv_dim), torch.float32, v.device)
-        local_z = new_output((bh, plan.NSEG, nf), torch.float32, v.device)
-        _bwd_dkv_kernel[(plan.NV, plan.NSEG - 1, bh)](q, k, v, docs, do, den, hh, local_s, local_z, dk_part, dval,
-                                                      local_s, local_z, seqlen, heads, dv_dim, plan.seg_len,
-                                                      plan.NSEG, 1, *strides, *dkv_strides, *consts,
-                                                      HAS_STATE_IN=False, STORE_STATE=True, STATE_ONLY=True,
-                                                      **common)
-        carry = _segment_carry(docs, seqlen, plan.seg_len, plan.NSEG)
-        ds_in = (_scan(local_s.view(bh, plan.NSEG, -1), None if ds_in is None else ds_in[0].reshape(bh, -1), carry,
-                       heads, reverse=True).view(bh, plan.NSEG, nf, dv_dim),
-                 _scan(local_z, None if ds_in is None else ds_in[1].reshape(bh, -1), carry, heads, reverse=True))
+    inputs = (q, k, v, docs, do, den, hh)
+    strides = (seqlen, heads, dv_dim, plan.NC, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
+               *dq_part.stride()[:4])
+    consts = dict(F=plan.F, FP=plan.FP, NP=lay.NP, BC=plan.BC, BF=plan.BF, BV=plan.BVB, **_precision(v.dtype),
+                  num_warps=plan.bwd_warps)
+    grid = (plan.NC, nvb, bh)
+    _bwd_dq_kernel[grid](*inputs, *states, dq_part, *lay.tables, *strides, plan.inv_sqrt_f, **consts)
+    _bwd_dkv_kernel[grid](*inputs, dstates, dzst, dk_part, dval, *lay.tables, *strides, *_strides3(dval),
+                          plan.inv_sqrt_f, **consts)
+    dq = dq_part.sum(0) if nvb > 1 else dq_part[0]
+    dk = dk_part.sum(0) if nvb > 1 else dk_part[0]
     d_init = None
-    if need_d_initial:
-        d_init = (new_output((batch, heads, nf, dv_dim), torch.float32, v.device),
-                  new_output((batch, heads, nf), torch.float32, v.device))
-    ds_buf, dz_buf = ds_in if ds_in is not None else (o, o)
-    dso, dzo = d_init if d_init is not None else (o, o)
-    _bwd_dkv_kernel[(plan.NV, plan.NSEG, bh)](q, k, v, docs, do, den, hh, ds_buf, dz_buf, dk_part, dval, dso, dzo,
-                                              seqlen, heads, dv_dim, plan.seg_len, plan.NSEG, 0, *strides,
-                                              *dkv_strides, *consts,
-                                              HAS_STATE_IN=ds_in is not None, STORE_STATE=d_init is not None,
-                                              STATE_ONLY=False, **common)
-    dq = dq_part.sum(0) if plan.NV > 1 else dq_part[0]
-    dk = dk_part.sum(0) if plan.NV > 1 else dk_part[0]
+    if d_start is not None:
+        # the adjoint of lay.sym, plus the carried asymmetric part of the initial state (antisym is
+        # self-adjoint: an orthogonal projection)
+        d_kv = torch.einsum("pn,bp...->bn...", lay.to_sym, d_start[0])
+        d_ks = torch.einsum("pn,bp...->bn...", lay.to_sym, d_start[1])
+        if d_final is not None:
+            carry = _whole_row_carry(docs, heads)
+            d_kv = d_kv + carry * lay.antisym(d_final[0])
+            d_ks = d_ks + carry[:, :, 0] * lay.antisym(d_final[1])
+        d_init = (d_kv.reshape(batch, heads, plan.NF, dv_dim), d_ks.reshape(batch, heads, plan.NF))
     return dq.to(q.dtype), dk.to(k.dtype), dval, d_init
 
 
 class TaylorLinearAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, docs, kv0, ks0, eps, output_final_state, plan):
-        o, den, init, final = forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan)
-        init_s, init_z = init if init is not None else (None, None)
-        ctx.save_for_backward(q, k, v, docs, o, den, init_s, init_z)
+        o, den, states, final = forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan)
+        ctx.save_for_backward(q, k, v, docs, o, den, *states)
         ctx.plan = plan
         if final is None:
             return o, None, None
@@ -641,25 +645,23 @@ class TaylorLinearAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, d_kv, d_ks):
-        q, k, v, docs, o, den, init_s, init_z = ctx.saved_tensors
-        init = None if init_s is None else (init_s, init_z)
+        q, k, v, docs, o, den, s_states, z_states = ctx.saved_tensors
+        plan = ctx.plan
         d_final = None
         if d_kv is not None or d_ks is not None:
-            ref = init_s if init_s is not None else q
-            nf = 1 + q.shape[-1] * (q.shape[-1] + 1)
-            shape = (q.shape[0], q.shape[2], nf)
-            d_kv = d_kv if d_kv is not None else ref.new_zeros((*shape, v.shape[-1]), dtype=torch.float32)
-            d_ks = d_ks if d_ks is not None else ref.new_zeros(shape, dtype=torch.float32)
-            d_final = (d_kv.float().contiguous(), d_ks.float().contiguous())
+            shape = (q.shape[0], q.shape[2], plan.NF)
+            d_kv = d_kv if d_kv is not None else q.new_zeros((*shape, v.shape[-1]), dtype=torch.float32)
+            d_ks = d_ks if d_ks is not None else q.new_zeros(shape, dtype=torch.float32)
+            d_final = (d_kv, d_ks)
         need_d_init = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-        dq, dk, dv, d_init = backward(do, q, k, v, docs, o, den, init, d_final, need_d_init, ctx.plan)
+        dq, dk, dv, d_init = backward(do, q, k, v, docs, o, den, (s_states, z_states), d_final, need_d_init, plan)
         d_kv0, d_ks0 = d_init if d_init is not None else (None, None)
         return dq, dk, dv, None, d_kv0, d_ks0, None, None, None
 
 
 def taylor_linear_attention_triton(q, k, v, *, eps=1e-12, doc_ids=None, initial_state=None,
-                                   output_final_state=False, chunk_size=None, block_v=None, segment_len=None,
-                                   num_warps=None):
+                                   output_final_state=False, chunk_size=None, block_f=None, block_v=None,
+                                   block_v_state=None, block_v_bwd=None, num_warps=None, bwd_warps=None):
     """Triton path of `taylor_linear_attention` (arguments already validated); block sizes are tunable."""
     batch, seqlen, heads, f = q.shape
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -667,11 +669,11 @@ def taylor_linear_attention_triton(q, k, v, *, eps=1e-12, doc_ids=None, initial_
         docs = torch.zeros(batch, seqlen, dtype=torch.int32, device=q.device)
     else:
         docs = doc_ids.contiguous()
-    plan = Plan(batch, seqlen, heads, f, v.shape[-1], q.device, chunk_size, block_v, segment_len, num_warps)
+    plan = Plan(seqlen, f, v.shape[-1], chunk_size, block_f, block_v, block_v_state, block_v_bwd, num_warps,
+                bwd_warps)
     kv0 = ks0 = None
     if initial_state is not None:
-        # .float() and .contiguous() return the tensor itself when nothing changes, and stay differentiable
-        kv0, ks0 = (s.float().contiguous() for s in initial_state)
+        kv0, ks0 = initial_state
     o, kv, ks = TaylorLinearAttentionFn.apply(q, k, v, docs, kv0, ks0, eps, output_final_state, plan)
     if output_final_state:
         return o, (kv, ks)

@@ -56,9 +56,28 @@ def test_forward_and_gradients_match_float64(shape, dtype, docs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("seg", [None, 32], ids=["one-segment", "seg32"])
-def test_state_in_and_out_with_segments(dtype, seg):
-    """Small chunks and forced segments: initial state, final state and their gradients (chunk-parallel path)."""
+@pytest.mark.parametrize("shape", SHAPES[2:], ids=shape_id)
+def test_many_chunks_forward_and_gradients(shape, dtype):
+    """16-token chunks: the state passes carry S and dS across several chunks and document starts."""
+    from kernels.taylor_linear_attn.triton_impl import taylor_linear_attention_triton
+
+    b, t, h, f, dv = shape
+    doc_ids = packed_doc_ids(b, t, [5, 1, 30])
+    (q, k, v), (q64, k64, v64) = leaves(make_inputs(*shape), dtype)
+    o = taylor_linear_attention_triton(q, k, v, doc_ids=doc_ids, chunk_size=16, block_v_bwd=16)
+    o_ref = taylor_linear_attention_quadratic(q64, k64, v64, doc_ids=doc_ids)
+    assert_close("o", o, o_ref, dtype)
+    do = torch.randn_like(o_ref)
+    for name, g, g_ref in zip("qkv", grads([o], [q, k, v], [do]), grads([o_ref], [q64, k64, v64], [do]), strict=True):
+        assert_close(f"d{name}", g, g_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("blocks", [dict(chunk_size=16, block_v=16, block_v_state=16, block_f=16),
+                                    dict(chunk_size=32, block_v=32, block_v_state=16)], ids=["c16", "c32"])
+def test_state_in_and_out_with_small_blocks(dtype, blocks):
+    """Small chunks and blocks (several chunks, value and feature blocks): initial state, final state and
+    their gradients, with document boundaries inside and across chunks."""
     from kernels.taylor_linear_attn.triton_impl import taylor_linear_attention_triton
 
     b, t, h, f, dv = 2, 83, 2, 16, 24
@@ -67,8 +86,7 @@ def test_state_in_and_out_with_segments(dtype, seg):
     (q, k, v), (q64, k64, v64) = leaves((q, k, v), dtype)
     (kv0, ks0), (kv64, ks64) = leaves((kv0, ks0), torch.float32)
     o, (kv, ks) = taylor_linear_attention_triton(q, k, v, doc_ids=doc_ids, initial_state=(kv0, ks0),
-                                                 output_final_state=True, chunk_size=16, block_v=16,
-                                                 segment_len=seg)
+                                                 output_final_state=True, **blocks)
     assert kv.dtype == ks.dtype == torch.float32
     check_state_io_against_quadratic((o, (kv, ks)), (q, k, v, kv0, ks0), (q64, k64, v64, kv64, ks64), doc_ids, dtype)
 

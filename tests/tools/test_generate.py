@@ -1,17 +1,35 @@
 """Generation with the recurrent step forms: greedy decode == the parallel forward's argmax path; a
 left-padded batch == each prompt alone (no pad token reaches the state); sampling; the static KV cache."""
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_model
+from conftest import ROOT, tiny_config, tiny_model
 
+from based_layers import build_model
+from based_layers.config import AttentionConfig
 from tools import generate as gen
 from tools.generate import Sampling, StaticStep, generate, left_pad, static_attention
 
 FAMILIES = ["based", "attn", "mamba"]
+# backend "triton" runs on the GPU where there is one, in the Triton CPU interpreter otherwise
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# on a GPU the Triton prefill kernels multiply fp32 in tf32
+TRITON_TOL = dict(rtol=1e-4, atol=1e-4) if TRITON_DEVICE == "cpu" else dict(rtol=2e-2, atol=2e-2)
+
+
+def _eager_steps(model, ids, docs, steps: int):
+    """Random tokens [steps, 3] and the logits of model.step on them after a prefill of the left-padded batch."""
+    tokens = torch.randint(0, 200, (steps, 3), generator=torch.Generator().manual_seed(0))
+    _, state = model.prefill(ids, docs)
+    eager = []
+    for t in range(steps):
+        logits, state = model.step(tokens[t], state)
+        eager.append(logits)
+    return tokens, eager
 
 
 def _prompts(vocab=200):
@@ -94,12 +112,7 @@ def test_static_buffer_step_equals_eager(family, monkeypatch):
     prompts = _prompts()
     ids, docs = left_pad(prompts, 0)
     steps = 21
-    _, state = model.prefill(ids, docs)
-    tokens = torch.randint(0, 200, (steps, 3), generator=torch.Generator().manual_seed(0))
-    eager = []
-    for t in range(steps):
-        logits, state = model.step(tokens[t], state)
-        eager.append(logits)
+    tokens, eager = _eager_steps(model, ids, docs, steps)
     _, state = model.prefill(ids, docs)
     with static_attention(model, state, ids.shape[1] + steps) as static_state:
         step = StaticStep(model, static_state, 3, use_graphs=False)
@@ -132,3 +145,114 @@ def test_bench_generation_helpers_on_cpu():
                "attn": {"decode_b1": {"error": "boom"}, "prefill_b1": {"ms": 3.0, "seconds": 0.003}}}
     text = table(results)
     assert "| decode tokens/s, batch 1 | 300 | boom | - |" in text and "1.50x faster" in text
+
+
+def _based_on_backend(backend: str):
+    """The tiny Based model (conv, linear attention, sliding window) in float32 with every mixer on `backend`."""
+    cfg = tiny_config("based")
+    cfg = dataclasses.replace(cfg, base_conv=dataclasses.replace(cfg.base_conv, backend=backend),
+                              linear_attn=dataclasses.replace(cfg.linear_attn, backend=backend),
+                              sliding_window=dataclasses.replace(cfg.sliding_window, backend=backend))
+    model = build_model(cfg).eval()
+    model.load_state_dict(tiny_model("based").state_dict())
+    return model.to(TRITON_DEVICE)
+
+
+def test_generate_with_fused_steps_equals_reference_steps():
+    """backend triton: the mixers' steps run the fused kernels (the interpreter on CPU) on the prefill's state."""
+    pytest.importorskip("triton")
+    prompts = _prompts()
+    ref = generate(_based_on_backend("reference"), prompts, 12, keep_logits=True, pad_id=5)
+    fused = generate(_based_on_backend("triton"), prompts, 12, keep_logits=True, pad_id=5)
+    assert fused.tokens == ref.tokens
+    torch.testing.assert_close(fused.logits, ref.logits, **TRITON_TOL)
+
+
+def test_static_step_with_fused_mixers_updates_in_place_and_warm_up_restores(monkeypatch):
+    """The fused steps write the static buffers themselves (StaticStep copies nothing back), and the warm-up
+    step before a graph capture leaves the state as it found it (the ring wraps: window 6, 21 steps)."""
+    pytest.importorskip("triton")
+    model = _based_on_backend("triton")
+    ids, docs = left_pad(_prompts(), 0, TRITON_DEVICE)
+    tokens = torch.randint(0, 200, (21, 3), generator=torch.Generator().manual_seed(0)).to(TRITON_DEVICE)
+    eager = _based_on_backend("reference")
+    _, state = eager.prefill(ids, docs)
+    expected = []
+    for token in tokens:
+        logits, state = eager.step(token, state)
+        expected.append(logits)
+    _, state = model.prefill(ids, docs)
+    static_tensors = _flat_ids(state)
+    returned = []
+    original_step = model.step
+
+    def recording_step(token, layer_states):
+        logits, new_state = original_step(token, layer_states)
+        returned.append(_flat_ids(new_state))
+        return logits, new_state
+
+    monkeypatch.setattr(model, "step", recording_step)
+    with torch.inference_mode():
+        step = StaticStep(model, state, 3, use_graphs=False)
+        static = []
+        for token in tokens:
+            step.token.copy_(token)
+            step._warm_up()  # what every capture runs first; here before every step
+            static.append(step(token).clone())
+    assert all(ids_ == static_tensors for ids_ in returned)
+    torch.testing.assert_close(torch.stack(static), torch.stack(expected), **TRITON_TOL)
+
+
+def _flat_ids(state):
+    return [id(t) for layer in state for _, t in sorted(layer.items())]
+
+
+@pytest.mark.parametrize("heads", [3, 4], ids=["Dh10-padded-to-16", "Dh8"])
+def test_static_kv_cache_padded_head_dim_equals_unpadded(heads, monkeypatch):
+    """StaticKVAttention pads the cached head dim to a multiple of 8 (SDPA's efficient kernels); the logits
+    equal the unpadded step, and the warm-up before a capture restores everything it changes."""
+    monkeypatch.setattr(gen, "ATTENTION_BUCKET", 8)
+    cfg = dataclasses.replace(tiny_config("attn"), d_model=10 * heads if heads == 3 else 32,
+                              attention=AttentionConfig(num_heads=heads, rotary_fraction=0.5))
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    head_dim = cfg.d_model // heads
+    ids, docs = left_pad(_prompts(), 0)
+    steps = 19
+    tokens, eager = _eager_steps(model, ids, docs, steps)
+    _, state = model.prefill(ids, docs)
+    with static_attention(model, state, ids.shape[1] + steps) as static_state:
+        cache = static_state[0]["k"]
+        assert cache.shape[-1] == gen.padded_head_dim(head_dim) and cache.shape[-1] % 8 == 0
+        step = StaticStep(model, static_state, 3, use_graphs=False)
+        static = []
+        for t in range(steps):
+            step.token.copy_(tokens[t])
+            step._warm_up()
+            static.append(step(tokens[t]).clone())
+        assert not cache[..., head_dim:].any(), "the padding of the KV cache must stay zero"
+    torch.testing.assert_close(torch.stack(static), torch.stack(eager), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_kv_attention_runs_sdpa_efficient_kernel_at_head_dim_70():
+    """The 1.3B Transformer++ head dim (70): the padded cache lets SDPA use its memory-efficient kernel
+    (sdpa_kernel raises when the only allowed backend cannot run), and the output equals the unpadded step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from based_layers.mixers import CausalSelfAttention
+
+    torch.manual_seed(0)
+    inner = CausalSelfAttention(280, AttentionConfig(num_heads=4, rotary_fraction=0.5)).cuda().bfloat16().eval()
+    mixer = gen.StaticKVAttention(inner)
+    x = torch.randn(2, 37, 280, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        _, state = inner(x[:, :36], return_state=True)
+        static = gen.StaticKVAttention.from_prefill(state, 64)
+        assert static["k"].shape[-1] == 72
+        mixer.limit = static["k"].shape[1]
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            y, _ = mixer.step(x[:, 36], static)
+        y_ref, _ = inner.step(x[:, 36], state)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
