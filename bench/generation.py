@@ -7,7 +7,9 @@ x dv 112, 7 sliding window 128) and configs/attn_1b_10b.yaml (d 1680, 36 layers,
 
 - decode: a prompt of --prompt-len random tokens, then --new-tokens greedy steps through tools/generate.py's
   static-buffer step replayed from CUDA graphs (the attention KV cache preallocated, read in 128-token
-  buckets); time = the decode loop without graph captures; throughput = batch x new tokens / time.
+  buckets); time = the decode loop without graph captures; throughput = batch x new tokens / time. Based's
+  mixers use the Triton kernels that passed the probe (their fused one-token steps update the state in
+  place); --reference-decode decodes on the PyTorch step code instead.
 - prefill: `prefill` (logits of every position + the state) of --prefill-batches x --prefill-len tokens;
   Based's mixers on their Triton kernels, attention on torch SDPA (FlashAttention-2 kernel on H100);
   median of CUDA-event timings.
@@ -318,11 +320,19 @@ def run(args) -> dict:
     )  # after each measurement
     results["copy_bandwidth_bytes_per_s"] = bandwidth = copy_bandwidth()
     print(f"device {results['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
-    # decode (its prompt prefill untimed) on the references; only the timed prefill uses the probed kernels
+    # Based's mixers run the Triton kernels that pass the probe (prefill shapes, in a child process), for
+    # prefill and for decode (the fused one-token steps); --reference-decode decodes on the PyTorch steps
+    results["kernel_backends"] = backends = kernel_backends(
+        [(b, args.prefill_len) for b in args.prefill_batches]
+    )
+    print(f"Based mixer backends: {backends}", flush=True)
     models = {
         "based": make_model("based_1b_10b", "reference"),
         "attn": make_model("attn_1b_10b", "reference"),
     }
+    results["decode_backends"] = "reference" if args.reference_decode else "probed"
+    if not args.reference_decode:
+        set_backends(models["based"], backends)
     for name, model in models.items():
         results[name] = {"parameters": model.num_parameters()}
         print(f"{name}: {results[name]['parameters']:,} parameters", flush=True)
@@ -341,10 +351,6 @@ def run(args) -> dict:
     for name, model in models.items():
         _guard(results[name], "eager_decode_b1", bench_eager_decode, model)
         _guard(results[name], "graph_check", graph_check, model)
-    results["kernel_backends"] = backends = kernel_backends(
-        [(b, args.prefill_len) for b in args.prefill_batches]
-    )
-    print(f"Based mixer backends for prefill: {backends}", flush=True)
     set_backends(models["based"], backends)
     for batch in args.prefill_batches:
         for name, model in models.items():
@@ -397,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--prefill-len", type=int, default=4096)
     parser.add_argument("--prefill-batches", default="1,8")
+    parser.add_argument("--reference-decode", action="store_true",
+                        help="decode Based on its PyTorch step code instead of the probed Triton kernels")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "generation.json")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]

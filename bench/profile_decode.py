@@ -1,0 +1,109 @@
+"""Where a decode step's time goes: GPU kernel time per step by kernel, against the CUDA-graph step time.
+
+    python bench/profile_decode.py --config based_1b_10b --batch 64 --out runs/bench/profile_decode.json
+
+Builds the model as bench/generation.py does (random weights, bf16, Triton mixers for Based), prefills a
+--prompt-len prompt, then profiles --steps eager static-buffer steps (tools/generate.py's StaticStep without
+graphs: the same kernels as the graph replays, launched one by one) with torch.profiler, and times the same
+number of graph replays. Prints the kernel time per step (the sum of GPU kernel durations; if it is far below
+the graph step time, the step is bound by per-kernel overheads, not by the kernels) and the kernels that take
+most of it, and writes both as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# the repository root first: bench/kernels.py would otherwise shadow the `kernels` package
+sys.path.insert(0, str(ROOT))
+
+from bench.generation import make_model  # noqa: E402
+from tools.generate import StaticStep, static_attention  # noqa: E402
+
+
+def _prefilled_state(model, batch: int, prompt_len: int):
+    prompt = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits, state = model.prefill(prompt)
+    return logits[:, -1].argmax(-1), state
+
+
+def kernel_table(model, batch: int, prompt_len: int, steps: int) -> tuple[list[dict], float]:
+    """Per kernel name: calls and GPU microseconds per step, over `steps` eager static steps."""
+    token, state = _prefilled_state(model, batch, prompt_len)
+    capacity = prompt_len + 2 * steps + 2
+    with torch.no_grad(), static_attention(model, state, capacity) as static_state:
+        step = StaticStep(model, static_state, batch, use_graphs=False)
+        token = step(token).argmax(-1)  # warm-up: Triton compiles outside the profile
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                token = step(token).argmax(-1)
+            torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel[event.name]
+            entry[0] += 1
+            entry[1] += event.device_time
+    rows = [{"kernel": name, "calls_per_step": calls / steps, "us_per_step": us / steps}
+            for name, (calls, us) in per_kernel.items()]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows, sum(r["us_per_step"] for r in rows)
+
+
+def graph_step_ms(model, batch: int, prompt_len: int, steps: int) -> float:
+    """Mean ms of one CUDA-graph step replay (capture excluded)."""
+    token, state = _prefilled_state(model, batch, prompt_len)
+    with torch.no_grad(), static_attention(model, state, prompt_len + steps + 2) as static_state:
+        step = StaticStep(model, static_state, batch, use_graphs=True)
+        token = step(token).argmax(-1)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            token = step(token).argmax(-1)
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="based_1b_10b", help="a configs/*.yaml name")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "profile_decode.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench/profile_decode.py needs a CUDA GPU")
+    model = make_model(args.config, "triton")
+    rows, kernel_us = kernel_table(model, args.batch, args.prompt_len, args.steps)
+    graph_ms = graph_step_ms(model, args.batch, args.prompt_len, args.steps)
+    calls = sum(r["calls_per_step"] for r in rows)
+    print(f"{args.config} batch {args.batch}: graph step {graph_ms:.3f} ms; GPU kernel time {kernel_us / 1e3:.3f} ms "
+          f"per step in {calls:.0f} kernels ({kernel_us / 1e3 / graph_ms:.0%} of the step)")
+    print("| kernel | calls/step | us/step | share of kernel time |\n|---|---|---|---|")
+    for r in rows[: args.top]:
+        print(f"| {r['kernel'][:90]} | {r['calls_per_step']:.0f} | {r['us_per_step']:.1f} | "
+              f"{r['us_per_step'] / kernel_us:.1%} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": args.config, "batch": args.batch, "prompt_len": args.prompt_len,
+                                    "steps": args.steps, "device": torch.cuda.get_device_name(),
+                                    "graph_step_ms": graph_ms, "kernel_us_per_step": kernel_us,
+                                    "kernels": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
