@@ -59,6 +59,18 @@ def grads(outputs, inputs, cotangents):
     return torch.autograd.grad(loss, inputs)
 
 
+def check_output_and_grads(out, out_ref, inputs, inputs_f64, dtype, names) -> None:
+    """A kernel's output `out` of `inputs` against the float64 `out_ref` of `inputs_f64` (the same rounded
+    values, see `leaves`): the output's dtype and value, then the gradient of every input for one random
+    cotangent, each within the dtype's bound. `names` labels the inputs' gradients in failures."""
+    assert out.dtype == inputs[0].dtype, f"output dtype {out.dtype} != input dtype {inputs[0].dtype}"
+    assert_close("output", out, out_ref, dtype)
+    cot = torch.randn_like(out_ref)
+    got, want = grads([out], list(inputs), [cot]), grads([out_ref], list(inputs_f64), [cot])
+    for name, g, g_ref in zip(names, got, want, strict=True):
+        assert_close(name, g, g_ref, dtype)
+
+
 def check_state_io_against_quadratic(out, leaves_lowp, leaves_f64, doc_ids, dtype) -> None:
     """Compare (o, (kv, k_sum)) of a kernel run with an initial state against the float64 quadratic oracle.
 

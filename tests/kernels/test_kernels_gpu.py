@@ -5,7 +5,13 @@ fp32 is checked on the CPU (interpreter, exact fp32 products); on the GPU fp32 i
 
 import pytest
 import torch
-from kernel_checks import assert_close, check_state_io_against_quadratic, grads, leaves, packed_doc_ids
+from kernel_checks import (
+    assert_close,
+    check_output_and_grads,
+    check_state_io_against_quadratic,
+    leaves,
+    packed_doc_ids,
+)
 
 from kernels.short_conv import short_conv_gated, short_conv_gated_reference, short_conv_gated_step
 from kernels.sliding_window import (
@@ -47,10 +53,7 @@ def test_sliding_window_attention(dim, window, dtype):
     (q, k, v), (q64, k64, v64) = leaves([torch.randn(b, t, h, dim, device="cuda") for _ in range(3)], dtype)
     o = sliding_window_attention(q, k, v, window=window, doc_ids=doc_ids)
     o_ref = sliding_window_attention_dense(q64, k64, v64, window=window, doc_ids=doc_ids)
-    assert_close("o", o, o_ref, dtype)
-    do = torch.randn_like(o_ref)
-    for name, g, g_ref in zip("qkv", grads([o], [q, k, v], [do]), grads([o_ref], [q64, k64, v64], [do]), strict=True):
-        assert_close(f"d{name}", g, g_ref, dtype)
+    check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), dtype, ["dq", "dk", "dv"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=DTYPE_IDS.get)
@@ -61,10 +64,7 @@ def test_short_conv_gated(dtype):
     (w,), (w64,) = leaves([torch.randn(c, 3, device="cuda")], torch.float32)
     y = short_conv_gated(*u.chunk(2, -1), w, doc_ids=doc_ids)
     y_ref = short_conv_gated_reference(*u64.chunk(2, -1), w64, doc_ids=doc_ids)
-    assert_close("y", y, y_ref, dtype)
-    dy = torch.randn_like(y_ref)
-    for name, g, g_ref in zip(["du", "dw"], grads([y], [u, w], [dy]), grads([y_ref], [u64, w64], [dy]), strict=True):
-        assert_close(name, g, g_ref, dtype)
+    check_output_and_grads(y, y_ref, (u, w), (u64, w64), dtype, ["du", "dw"])
 
 
 def test_decode_steps_match_reference():

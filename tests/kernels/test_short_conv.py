@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_checks import DEVICE, assert_close, grads, leaves, packed_doc_ids
+from kernel_checks import DEVICE, assert_close, check_output_and_grads, leaves, packed_doc_ids
 
 from kernels.short_conv import short_conv_gated, short_conv_gated_reference, short_conv_gated_step
 
@@ -31,11 +31,7 @@ def test_forward_and_gradients_match_float64(case, dtype, docs, initial):
     y = short_conv_gated(*u.chunk(2, -1), w, doc_ids=doc_ids, initial_state=init, backend="triton")
     y_ref = short_conv_gated_reference(*u64.chunk(2, -1), w64, doc_ids=doc_ids,
                                        initial_state=None if init is None else init.double())
-    assert y.dtype == dtype
-    assert_close("y", y, y_ref, dtype)
-    dy = torch.randn_like(y_ref)
-    for name, g, g_ref in zip(["du", "dw"], grads([y], [u, w], [dy]), grads([y_ref], [u64, w64], [dy]), strict=True):
-        assert_close(name, g, g_ref, dtype)
+    check_output_and_grads(y, y_ref, (u, w), (u64, w64), dtype, ["du", "dw"])
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

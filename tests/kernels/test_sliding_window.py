@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_checks import DEVICE, assert_close, grads, leaves, packed_doc_ids
+from kernel_checks import DEVICE, assert_close, check_output_and_grads, grads, leaves, packed_doc_ids
 
 from kernels.sliding_window import (
     sliding_window_attention,
@@ -36,11 +36,7 @@ def test_forward_and_gradients_match_float64(case, dtype, docs):
     (q, k, v), (q64, k64, v64) = leaves(make_inputs(b, t, h, d), dtype)
     o = sliding_window_attention(q, k, v, window=window, doc_ids=doc_ids, backend="triton")
     o_ref = sliding_window_attention_dense(q64, k64, v64, window=window, doc_ids=doc_ids)
-    assert o.dtype == dtype
-    assert_close("o", o, o_ref, dtype)
-    do = torch.randn_like(o_ref)
-    for name, g, g_ref in zip("qkv", grads([o], [q, k, v], [do]), grads([o_ref], [q64, k64, v64], [do]), strict=True):
-        assert_close(f"d{name}", g, g_ref, dtype)
+    check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), dtype, ["dq", "dk", "dv"])
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 64)], ids=lambda bl: f"BM{bl[0]}-BN{bl[1]}")
@@ -54,10 +50,7 @@ def test_block_shapes(blocks):
     o = sliding_window_attention_triton(q, k, v, window=window, doc_ids=doc_ids, block_m=blocks[0],
                                         block_n=blocks[1])
     o_ref = sliding_window_attention_dense(q64, k64, v64, window=window, doc_ids=doc_ids)
-    assert_close("o", o, o_ref, torch.float32)
-    do = torch.randn_like(o_ref)
-    for name, g, g_ref in zip("qkv", grads([o], [q, k, v], [do]), grads([o_ref], [q64, k64, v64], [do]), strict=True):
-        assert_close(f"d{name}", g, g_ref, torch.float32)
+    check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), torch.float32, ["dq", "dk", "dv"])
 
 
 @pytest.mark.parametrize("window", [0, 3, 40])

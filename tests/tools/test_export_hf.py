@@ -69,6 +69,25 @@ def test_round_trip_with_stock_transformers(family, exports, native_runs, sp_tok
     assert sampled.shape == (2, enc["input_ids"].shape[1] + 4)
 
 
+def test_exported_padding_rule_matches_ours(exports):
+    """The exported code carries its own copy of the attention-mask -> doc ids rule; it must stay ours."""
+    from transformers import AutoModelForCausalLM
+
+    from tools.generate import doc_ids_from_attention_mask
+
+    _, out = exports["based"]
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    exported = sys.modules[type(hf).__module__].doc_ids_from_attention_mask
+    masks = [torch.ones(2, 5, dtype=torch.long), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]),
+             torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 1]])]
+    for mask in masks:
+        ours, theirs = doc_ids_from_attention_mask(mask), exported(mask)
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            assert torch.equal(ours, theirs)
+    assert exported(None) is None
+
+
 def test_bf16_export(native_runs, tmp_path):
     from safetensors import safe_open
 
