@@ -131,8 +131,9 @@ def bench_linear_attention(ceil, peers: bool, rows: list, la_config: dict) -> No
             row = {"op": "linear_attn", "shape": f"{name} H16 F16 Dv{dv}", "T": seqlen, "B": batch}
             row["floor"] = la_floor(TOKENS * HEADS, dv, ceil)
             inputs = la_inputs(batch, seqlen, dv)
+            cfg = la_config.get(dv, {})
             row["ours"] = try_time(
-                "ours", lambda q, k, v: taylor_linear_attention_triton(q, k, v, **la_config), inputs
+                "ours", lambda q, k, v, c=cfg: taylor_linear_attention_triton(q, k, v, **c), inputs
             )
             if fla is not None:
                 row["fla_fused_chunk"] = try_time("fla fused_chunk", fla.fused_chunk_based, inputs)
@@ -148,7 +149,7 @@ def bench_la_parts(rows: list, la_config: dict) -> None:
 
     q, k, v = la_inputs(16, 2048, 128)
     docs = torch.zeros(16, 2048, dtype=torch.int32, device="cuda")
-    plan = la.Plan(2048, FEATURE_DIM, 128, **la_config)
+    plan = la.Plan(2048, FEATURE_DIM, 128, **la_config.get(128, {}))
     o, den, states, _ = la.forward(q, k, v, docs, 1e-12, None, None, False, plan)
     do = torch.randn_like(o)
     hh = torch.zeros_like(den)
@@ -326,27 +327,29 @@ def markdown_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+# chunk 64 (1.5x slower f+b), feature block 16 (1.24x) and backward value block 64 (1.28x) lost the
+# second session's sweep (docs/PERFORMANCE.md) and are no longer timed
+LA_SWEEP = ({}, {"num_stages": 2}, {"num_stages": 4}, {"bwd_warps": 4})
+
+
 def sweep(ceil) -> tuple[dict, dict]:
     """Time a few block configurations at one shape per kernel; return the fastest of each."""
     from kernels.sliding_window.triton_impl import sliding_window_attention_triton
     from kernels.taylor_linear_attn.triton_impl import taylor_linear_attention_triton
 
-    best = {}
-    batch, seqlen, dv = 8, 4096, 112
-    inputs = la_inputs(batch, seqlen, dv)
-    results = []
-    for cfg in (
-        {},
-        {"block_v_bwd": 64},
-        {"block_f": 16},
-        {"chunk_size": 64},
-        {"num_warps": 4, "bwd_warps": 4},
-    ):
-        t = try_time(f"la {cfg}", lambda q, k, v, c=cfg: taylor_linear_attention_triton(q, k, v, **c), inputs)
-        print(f"  sweep la Dv{dv} T{seqlen} {cfg}: {_fmt(t)}", flush=True)
-        if t is not None:
-            results.append((t[1], cfg))
-    best["la"] = min(results, key=lambda r: r[0])[1] if results else {}
+    best = {"la": {}}
+    # per value head dim, at T 2048 (the shape where SDPA is cheapest)
+    batch, seqlen = TOKENS // 2048, 2048
+    for _, dv in LA_SHAPES:
+        inputs = la_inputs(batch, seqlen, dv)
+        results = []
+        for cfg in LA_SWEEP:
+            t = try_time(f"la {cfg}", lambda q, k, v, c=cfg: taylor_linear_attention_triton(q, k, v, **c), inputs)
+            print(f"  sweep la Dv{dv} T{seqlen} {cfg}: {_fmt(t)}", flush=True)
+            if t is not None:
+                results.append((t[1], cfg))
+        best["la"][dv] = min(results, key=lambda r: r[0])[1] if results else {}
+    batch, seqlen = TOKENS // 4096, 4096
     q, k, v = (
         torch.randn(batch, seqlen, HEADS, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
         for _ in range(3)
@@ -357,6 +360,12 @@ def sweep(ceil) -> tuple[dict, dict]:
         {"block_m": 128, "block_n": 64, "num_warps": 8},
         {"block_m": 64, "block_n": 32, "num_warps": 4},
         {"block_m": 128, "block_n": 32, "num_warps": 8},
+        # one backward kernel, dQ by fp32 atomics; the bwd_* keys set its query tile and warps apart from
+        # the forward's (at W64, 128 queries see a 64-key block; 128-row query tiles visit 128 or 256)
+        {"bwd": "fused", "block_m": 64, "block_n": 64, "num_warps": 4},
+        {"bwd": "fused", "block_m": 128, "block_n": 64, "num_warps": 8},
+        {"bwd": "fused", "block_m": 128, "block_n": 64, "num_warps": 8, "bwd_block_m": 64},
+        {"bwd": "fused", "block_m": 128, "block_n": 64, "num_warps": 8, "bwd_block_m": 32, "bwd_warps": 4},
     ):
         t = try_time(
             f"swa {cfg}",

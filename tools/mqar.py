@@ -11,20 +11,20 @@ position is its value, -100 elsewhere. Train: (L=64, kv=4) 100k, (128, 8), (256,
 (256, 64) 20k each; test: 1k each of (64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128),
 (1024, 256), the last two longer than anything trained on.
 
-Model (our based_layers mixers): tied embedding, 2 pre-norm blocks without MLP, final RMSNorm, tied head.
-Layer 0 is a gated short convolution, layer 1 the sequence mixer under test: Taylor linear attention with
-1 head, head_dim = d_model, `feature_dim` f ("based-d{d}-f{f}"), or full softmax attention with 1 head
-("attention-d{d}"). Training: AdamW (wd 0.1), cosine to 0 without warmup, batch 256 from one segment
-at a time in a fixed order, up to 32 epochs, stop once the test accuracy exceeds 0.99; lr swept over
-{1e-3, 3.16e-3, 1e-2, 3.16e-2}, best reported. Accuracy: per example over its labelled positions, mean
-over all test examples (each segment weighs the same), plus each segment's mean.
+Model (`tools/mqar_models.py`, `--overrides '{"arch": ...}'`): "zoology" (default) is Zoology's two-block model
+of the Based paper's figure 2 with our mixers inside: embedding with dropout 0.1, LayerNorm pre-norm blocks
+whose Identity state mixer hands LayerNorm2(residual) on to the next block, layer 0 Zoology's BaseConv
+(causal depthwise conv k=3 times a d x d Linear, plus the input), layer 1 the mixer under test: Taylor linear
+attention with 1 head, head_dim = d_model, `feature_dim` f ("based-d{d}-f{f}"), or full softmax attention
+with 1 head and no position encoding ("attention-d{d}"); tied head. "based_layers" is our published-Based
+stack instead (RMSNorm, the published BaseConv with in/out projections and a SiLU gate).
 
-Deviations from Zoology's exact model (Based paper figure 2 config): layer 0 is our published-Based
-BaseConv (in_proj d -> 2d with bias, causal depthwise conv k=3 on the first half, SiLU, times the second
-half, out_proj) instead of Zoology's BaseConv (conv(x) * Linear(x) on d channels, no SiLU, no in/out
-projection); RMSNorm instead of LayerNorm; no embedding dropout (Zoology: 0.1) and no attention dropout;
-attention has no position encoding (as Zoology's); the loss and logits are computed only at the labelled
-positions (the same loss, less work); the learning-rate schedule is one cosine over all steps.
+Training as Zoology's trainer: fp32 (`precision`; "bf16" autocasts), AdamW (wd 0.1), cosine over epochs to 0
+stepped once per epoch, no warmup, batch 256 from one segment at a time in a fixed order, up to 32 epochs,
+stop once the test accuracy exceeds 0.99; lr swept over {1e-3, 3.16e-3, 1e-2, 3.16e-2}, best reported.
+Accuracy: per example over its labelled positions, mean over all test examples (each segment weighs the
+same), plus each segment's mean. Deviations: the attention mixer has no biases and no attention dropout;
+the loss and logits are computed only at the labelled positions (the same loss, less work).
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from based_layers import build_model  # noqa: E402
-from based_layers.config import AttentionConfig, BaseConvConfig, LinearAttnConfig, ModelConfig  # noqa: E402
+from tools.mqar_models import ARCHES, build  # noqa: E402
 
 TRAIN_SEGMENTS = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
 TEST_SEGMENTS = ((64, 4, 1000), (64, 8, 1000), (64, 16, 1000), (128, 32, 1000), (256, 64, 1000), (512, 128, 1000),
@@ -75,7 +74,16 @@ class MQARConfig:
     max_minutes: float = 0.0  # 0 = no limit; else stop training after this long and evaluate
     power_a: float = 0.01
     la_backend: str = "auto"
+    arch: str = "zoology"  # or "based_layers" (tools/mqar_models.py)
+    precision: str = "fp32"  # Zoology trains in fp32; "bf16" autocasts on CUDA
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        checks = (("mixer", self.mixer, ("linear_attn", "attention")), ("arch", self.arch, ARCHES),
+                  ("precision", self.precision, ("fp32", "bf16")))
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"mqar config: {key} {value!r} is not one of {list(allowed)}")
 
 
 PRESETS = {
@@ -137,42 +145,22 @@ def _distinct(rng: np.random.Generator, rows: int, high: int, k: int) -> np.ndar
 
 
 def build_mqar_model(cfg: MQARConfig, la_backend: str = "reference"):
-    """The two-layer model: BaseConv, then Taylor linear attention (or attention); no MLPs."""
-    mixer_cfg = {}
-    if cfg.mixer == "linear_attn":
-        mixer_cfg["linear_attn"] = LinearAttnConfig(num_heads=1, feature_dim=cfg.feature_dim, head_dim=cfg.d_model,
-                                                    eps=1e-12, backend=la_backend)
-    elif cfg.mixer == "attention":
-        mixer_cfg["attention"] = AttentionConfig(num_heads=1, rotary_fraction=0.0)
-    else:
-        raise ValueError(f"mixer {cfg.mixer!r}: expected linear_attn or attention")
-    model_cfg = ModelConfig(family="mqar", d_model=cfg.d_model, n_layer=2, vocab_size=cfg.vocab_size,
-                            pad_vocab_size_multiple=1, default_mixer="base_conv", mixer_layers={cfg.mixer: [1]},
-                            mlp_hidden=0, base_conv=BaseConvConfig(expand=2, kernel_size=3, bias=True), **mixer_cfg)
-    return build_model(model_cfg)
-
-
-def _hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    h = model.transformer.embeddings(input_ids)
-    for block in model.transformer.layers.values():
-        h = block(h)
-    return model.transformer.ln_f(h)
+    """The two-layer model of `cfg.arch`: BaseConv, then Taylor linear attention (or attention); no MLPs."""
+    return build(cfg.arch, cfg.mixer, cfg.d_model, cfg.feature_dim, cfg.vocab_size, la_backend)
 
 
 def labelled_logits(model, input_ids: torch.Tensor, labels: torch.Tensor):
     """Logits [N_labelled, V] at the positions with a label, and those labels [N_labelled]."""
     where = labels != -100
-    return model.lm_head(_hidden(model, input_ids)[where]).float(), labels[where]
+    return model.lm_head(model.hidden(input_ids)[where]).float(), labels[where]
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda")
 
 
 @torch.no_grad()
-def evaluate(model, test_sets, batch_size: int, device: torch.device) -> dict:
+def evaluate(model, test_sets, batch_size: int, device: torch.device, precision: str = "fp32") -> dict:
     """{"accuracy": mean over all examples of per-example accuracy, "segments": {"L-kv": accuracy}}."""
     model.eval()
     per_segment = {}
@@ -181,8 +169,8 @@ def evaluate(model, test_sets, batch_size: int, device: torch.device) -> dict:
         scores = []
         for lo in range(0, len(inputs), batch_size):
             x, y = inputs[lo: lo + batch_size].to(device), labels[lo: lo + batch_size].to(device)
-            with _autocast(device):
-                h = _hidden(model, x)
+            with _autocast(device, precision):
+                h = model.hidden(x)
             where = y != -100
             pred = model.lm_head(h.float()[where].to(model.lm_head.weight.dtype)).argmax(-1)
             correct = torch.zeros_like(y, dtype=torch.float32)
@@ -221,19 +209,16 @@ def train(cfg: MQARConfig, device: str = "auto", log=print) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     planned = {"epochs": cfg.epochs}
-
-    def cosine(step: int) -> float:
-        total = planned["epochs"] * len(batches)
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     history, step, stopped = [], 0, "epochs"
     train_start = time.time()
     epoch = 0
     while epoch < planned["epochs"]:
-        loss = _train_epoch(model, optimizer, scheduler, train_sets, batches, cfg.batch_size, device)
+        # Zoology's CosineAnnealingLR(T_max=epochs, eta_min=0), stepped once per epoch
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / planned["epochs"]))
+        loss = _train_epoch(model, optimizer, train_sets, batches, cfg.batch_size, device, cfg.precision)
         step += len(batches)
-        result = evaluate(model, test_sets, cfg.test_batch_size, device)
+        result = evaluate(model, test_sets, cfg.test_batch_size, device, cfg.precision)
         elapsed = time.time() - train_start
         history.append({"epoch": epoch + 1, "step": step, "loss": loss,
                         "accuracy": result["accuracy"], "seconds": round(elapsed, 1)})
@@ -255,20 +240,20 @@ def train(cfg: MQARConfig, device: str = "auto", log=print) -> dict:
             "data_seconds": round(data_s, 1), "history": history}
 
 
-def _train_epoch(model, optimizer, scheduler, train_sets, batches, batch_size: int, device: torch.device) -> float:
+def _train_epoch(model, optimizer, train_sets, batches, batch_size: int, device: torch.device,
+                 precision: str) -> float:
     """One pass over the batches in their fixed order; returns the mean loss."""
     losses = []
     for s, lo in batches:
         inputs, labels = train_sets[s]
         x = inputs[lo: lo + batch_size].to(device, non_blocking=True)
         y = labels[lo: lo + batch_size].to(device, non_blocking=True)
-        with _autocast(device):
+        with _autocast(device, precision):
             logits, targets = labelled_logits(model, x, y)
         loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
         losses.append(loss.detach())
     return torch.stack(losses).mean().item()
 

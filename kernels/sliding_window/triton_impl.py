@@ -2,9 +2,20 @@
 
 Forward: one program per (query block of BM rows, batch x head); it visits only the key blocks that
 intersect [m0 - window, m0 + BM), with online softmax in fp32 and the log-sum-exp saved for backward.
-Backward: FlashAttention-2 style without atomics: one kernel per key block for dK, dV (visiting the query
-blocks within the window after it) and one per query block for dQ; delta = rowsum(dO * OUT) first.
 Masks: key j is visible to query i when i - window <= j <= i and doc(j) == doc(i).
+
+Backward, both modes after one pass for delta = rowsum(dO * OUT) [B, H, T] (fp32), with block sizes of
+their own (Plan.BMB, Plan.BNB; by default the forward's):
+- "split" (the default): FlashAttention-2 style without atomics: one kernel per key block for dK, dV
+  (visiting the query blocks within the window after it) and one per query block for dQ. Each recomputes
+  P and re-reads the window. Bitwise deterministic.
+- "fused": the dK, dV kernel alone; each key block also adds its share of dQ = scale * dS K to a
+  zero-initialized fp32 [B, T, H, D] buffer with masked atomic adds (cast to q's dtype on the host). One
+  pass over the window instead of two, but NOT bitwise deterministic: the order of the fp32 atomic adds
+  varies from run to run (the values agree to fp32 rounding).
+Delta stays a separate pass in both modes: every key block needs delta of all the queries it visits
+before it can form dS, and computing it there would re-read OUT for each of the 2-3 key blocks that
+visit a query block, while the separate pass reads OUT and dO once (a small, bandwidth-bound kernel).
 """
 
 from __future__ import annotations
@@ -100,10 +111,12 @@ def _delta_kernel(OUT, DO, DELTA, T, H, D, sob, sot, soh, sdob, sdot, sdoh, BT: 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, T, H, D, WINDOW, qk_scale, scale,
+def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, DQ, T, H, D, WINDOW, qk_scale, scale,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-                     sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                     sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, sdqb, sdqt, sdqh,
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr):
+    """dK, dV of one key block; with ATOMIC_DQ also its share of dQ, added to the fp32 buffer DQ."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -122,6 +135,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, T, H, D, WINDOW, qk_s
     doc_k = tl.load(doc_ptr + offs_n, mask=mask_n, other=0)
     q_ptr = Q + i_b.to(tl.int64) * sqb + i_h * sqh
     do_ptr = DO + i_b.to(tl.int64) * sdob + i_h * sdoh
+    dq_ptr = DQ + i_b.to(tl.int64) * sdqb + i_h * sdqh
     lse_ptr = LSE + i_bh.to(tl.int64) * T
     delta_ptr = DELTA + i_bh.to(tl.int64) * T
     dk = tl.zeros([BN, BD], dtype=tl.float32)
@@ -145,8 +159,13 @@ def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, T, H, D, WINDOW, qk_s
         p_t = tl.where(visible_t, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += _mm(p_t.to(do.dtype), do, PREC)
         dp_t = _mm(v, tl.trans(do), PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mm(ds_t.to(q.dtype), q, PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += _mm(ds_t, q, PREC)
+        if ATOMIC_DQ:
+            # rows >= T and columns >= D are masked off: they belong to the next head or batch, or lie
+            # past the buffer; relaxed order suffices, the sums are read only after the kernel ends
+            dq = _mm(tl.trans(ds_t), k, PREC) * scale
+            tl.atomic_add(dq_ptr + offs_m[:, None] * sdqt + offs_d[None, :], dq, mask=q_mask, sem="relaxed")
     tl.store(DK + i_b.to(tl.int64) * sdkb + i_h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + i_b.to(tl.int64) * sdvb + i_h * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
@@ -249,13 +268,29 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+BWD_MODES = ("split", "fused")
+
+
 class Plan:
+    """Block sizes of one call: query rows BM and key rows BN per tile of the forward, BMB and BNB of the
+    backward (default: the forward's); warps of the forward and of the backward; pipeline stages; the
+    backward mode `bwd` ("split" or "fused", see the module docstring; default "split")."""
+
     def __init__(self, head_dim: int, block_m: int | None = None, block_n: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None) -> None:
+                 num_warps: int | None = None, num_stages: int | None = None, bwd: str | None = None,
+                 bwd_block_m: int | None = None, bwd_block_n: int | None = None,
+                 bwd_warps: int | None = None) -> None:
+        if bwd is not None and bwd not in BWD_MODES:
+            raise ValueError(f"sliding_window_attention_triton: bwd={bwd!r}; expected one of {BWD_MODES} "
+                             "(or None for 'split')")
+        self.bwd = bwd or "split"
         self.BD = max(16, next_pow2(head_dim))
         self.BM = block_m or 64
         self.BN = block_n or 64
+        self.BMB = bwd_block_m or self.BM
+        self.BNB = bwd_block_n or self.BN
         self.num_warps = num_warps or 4
+        self.bwd_warps = bwd_warps or self.num_warps
         self.num_stages = num_stages or 2
 
 
@@ -271,25 +306,42 @@ def forward(q, k, v, docs, window, scale, plan: Plan):
     return o, lse
 
 
-def backward(do, q, k, v, docs, o, lse, window, scale, plan: Plan):
-    batch, seqlen, heads, dim = q.shape
-    do = last_dim_contiguous(do)
-    delta = new_output((batch, heads, seqlen), torch.float32, q.device)
+def _delta(o, do, plan: Plan) -> torch.Tensor:
+    """rowsum(dO * OUT) [B, H, T] in fp32."""
+    batch, seqlen, heads, dim = o.shape
+    delta = new_output((batch, heads, seqlen), torch.float32, o.device)
     bt = max(1, min(64, 8192 // plan.BD))
     _delta_kernel[(triton.cdiv(seqlen, bt), batch * heads)](o, do, delta, seqlen, heads, dim, *_strides3(o),
                                                              *_strides3(do), BT=bt, BD=plan.BD)
-    dq = new_output(q.shape, q.dtype, q.device)
+    return delta
+
+
+def backward(do, q, k, v, docs, o, lse, window, scale, plan: Plan):
+    """dq, dk, dv by the plan's backward mode ("split": dK dV and dQ kernels; "fused": one kernel, dQ by
+    fp32 atomics)."""
+    batch, seqlen, heads, dim = q.shape
+    do = last_dim_contiguous(do)
+    delta = _delta(o, do, plan)
+    fused = plan.bwd == "fused"
+    if fused:
+        # the atomics add into fp32 zeros; "split" writes every element of dq itself
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
+    args = (q, k, v, docs, do, lse, delta)
+    consts = (seqlen, heads, dim, window, scale * LOG2E, scale)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do))
-    meta = dict(BM=plan.BM, BN=plan.BN, BD=plan.BD, PREC=_precision(q.dtype), num_warps=plan.num_warps,
+    meta = dict(BM=plan.BMB, BN=plan.BNB, BD=plan.BD, PREC=_precision(q.dtype), num_warps=plan.bwd_warps,
                 num_stages=plan.num_stages)
-    _bwd_dkdv_kernel[(triton.cdiv(seqlen, plan.BN), batch * heads)](
-        q, k, v, docs, do, lse, delta, dk, dv, seqlen, heads, dim, window, scale * LOG2E, scale, *strides,
-        *_strides3(dk), *_strides3(dv), **meta)
-    _bwd_dq_kernel[(triton.cdiv(seqlen, plan.BM), batch * heads)](
-        q, k, v, docs, do, lse, delta, dq, seqlen, heads, dim, window, scale * LOG2E, scale, *strides,
-        *_strides3(dq), **meta)
+    _bwd_dkdv_kernel[(triton.cdiv(seqlen, plan.BNB), batch * heads)](
+        *args, dk, dv, dq, *consts, *strides, *_strides3(dk), *_strides3(dv), *_strides3(dq), ATOMIC_DQ=fused,
+        **meta)
+    if fused:
+        return dq.to(q.dtype), dk, dv
+    _bwd_dq_kernel[(triton.cdiv(seqlen, plan.BMB), batch * heads)](*args, dq, *consts, *strides, *_strides3(dq),
+                                                                   **meta)
     return dq, dk, dv
 
 
@@ -309,8 +361,13 @@ class SlidingWindowAttentionFn(torch.autograd.Function):
 
 
 def sliding_window_attention_triton(q, k, v, *, window, doc_ids=None, scale=None, block_m=None, block_n=None,
-                                    num_warps=None, num_stages=None):
-    """Triton path of `sliding_window_attention` (arguments already validated)."""
+                                    num_warps=None, num_stages=None, bwd=None, bwd_block_m=None,
+                                    bwd_block_n=None, bwd_warps=None):
+    """Triton path of `sliding_window_attention` (arguments already validated); block sizes are tunable.
+
+    bwd: backward mode, "split" (default, deterministic) or "fused" (one kernel, dQ by fp32 atomics);
+    bwd_block_m, bwd_block_n, bwd_warps: the backward's tiles and warps (default: the forward's).
+    """
     batch, seqlen, _, dim = q.shape
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     scale = dim**-0.5 if scale is None else float(scale)
@@ -318,7 +375,7 @@ def sliding_window_attention_triton(q, k, v, *, window, doc_ids=None, scale=None
         docs = torch.zeros(batch, seqlen, dtype=torch.int32, device=q.device)
     else:
         docs = doc_ids.contiguous()
-    plan = Plan(dim, block_m, block_n, num_warps, num_stages)
+    plan = Plan(dim, block_m, block_n, num_warps, num_stages, bwd, bwd_block_m, bwd_block_n, bwd_warps)
     return SlidingWindowAttentionFn.apply(q, k, v, docs, int(window), scale, plan)
 
 

@@ -483,7 +483,8 @@ class Plan:
 
     def __init__(self, seqlen: int, feature_dim: int, value_dim: int, chunk_size: int | None = None,
                  block_f: int | None = None, block_v: int | None = None, block_v_state: int | None = None,
-                 block_v_bwd: int | None = None, num_warps: int | None = None, bwd_warps: int | None = None) -> None:
+                 block_v_bwd: int | None = None, num_warps: int | None = None, bwd_warps: int | None = None,
+                 num_stages: int | None = None) -> None:
         self.F = feature_dim
         self.FP = max(16, next_pow2(feature_dim))
         self.BC = chunk_size or 128
@@ -495,9 +496,13 @@ class Plan:
         self.NVS = triton.cdiv(value_dim, self.BVS)
         self.BVB = block_v_bwd or min(128, max(16, next_pow2(value_dim)))
         self.NC = max(1, triton.cdiv(seqlen, self.BC))
-        self.num_warps = num_warps or (8 if self.BV * self.BC >= 8192 else 4)
-        self.bwd_warps = bwd_warps or (8 if self.BVB * self.BC >= 8192 else 4)
+        # 4 warps up to [128 x 64] tiles (Dv <= 64), 8 above: on the H100 at Dv 64 the output kernel takes
+        # 0.36 vs 0.45 ms and the backward 1.07 vs 1.18 ms with 4 (docs/PERFORMANCE.md, third session)
+        self.num_warps = num_warps or (8 if self.BV * self.BC > 8192 else 4)
+        self.bwd_warps = bwd_warps or (8 if self.BVB * self.BC > 8192 else 4)
         self.inv_sqrt_f = 1.0 / math.sqrt(feature_dim)
+        # software-pipelining depth of the kernels' loops; {} keeps Triton's default
+        self.stages = {} if num_stages is None else {"num_stages": num_stages}
 
 
 def _precision(dtype: torch.dtype) -> dict:
@@ -551,7 +556,7 @@ def _state_pass(x, y, docs, den, hh, start, plan: Plan, reverse: bool, want_end:
         x, y, docs, den, hh, s0, z0, states, zst, s_end, z_end, *lay.tables, seqlen, heads, dv, plan.NC,
         *_strides3(x), *_strides3(y), F=plan.F, FP=plan.FP, NP=lay.NP, BC=plan.BC, BF=plan.BF, BV=plan.BVS,
         REVERSE=reverse, HAS_S0=start is not None, STORE_END=want_end, PREC=prec["PREC"], SEL_PREC=prec["SEL_PREC"],
-        num_warps=4)
+        num_warps=4, **plan.stages)
     return states, zst, end
 
 
@@ -572,7 +577,7 @@ def forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan: Plan):
         q, k, v, docs, o, den, states, zst, *lay.tables,
         seqlen, heads, dv, plan.NC, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), eps, plan.inv_sqrt_f,
         F=plan.F, FP=plan.FP, NP=lay.NP, BC=plan.BC, BF=plan.BF, BV=plan.BV, PREC=prec["PREC"],
-        SEL_PREC=prec["SEL_PREC"], num_warps=plan.num_warps)
+        SEL_PREC=prec["SEL_PREC"], num_warps=plan.num_warps, **plan.stages)
     final = None
     if end is not None:
         kv, ks = lay.pub(end[0]), lay.pub(end[1])
@@ -612,7 +617,7 @@ def backward(do, q, k, v, docs, o, den, states, d_final, need_d_initial: bool, p
     strides = (seqlen, heads, dv_dim, plan.NC, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
                *dq_part.stride()[:4])
     consts = dict(F=plan.F, FP=plan.FP, NP=lay.NP, BC=plan.BC, BF=plan.BF, BV=plan.BVB, **_precision(v.dtype),
-                  num_warps=plan.bwd_warps)
+                  num_warps=plan.bwd_warps, **plan.stages)
     grid = (plan.NC, nvb, bh)
     _bwd_dq_kernel[grid](*inputs, *states, dq_part, *lay.tables, *strides, plan.inv_sqrt_f, **consts)
     _bwd_dkv_kernel[grid](*inputs, dstates, dzst, dk_part, dval, *lay.tables, *strides, *_strides3(dval),
@@ -661,7 +666,8 @@ class TaylorLinearAttentionFn(torch.autograd.Function):
 
 def taylor_linear_attention_triton(q, k, v, *, eps=1e-12, doc_ids=None, initial_state=None,
                                    output_final_state=False, chunk_size=None, block_f=None, block_v=None,
-                                   block_v_state=None, block_v_bwd=None, num_warps=None, bwd_warps=None):
+                                   block_v_state=None, block_v_bwd=None, num_warps=None, bwd_warps=None,
+                                   num_stages=None):
     """Triton path of `taylor_linear_attention` (arguments already validated); block sizes are tunable."""
     batch, seqlen, heads, f = q.shape
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -670,7 +676,7 @@ def taylor_linear_attention_triton(q, k, v, *, eps=1e-12, doc_ids=None, initial_
     else:
         docs = doc_ids.contiguous()
     plan = Plan(seqlen, f, v.shape[-1], chunk_size, block_f, block_v, block_v_state, block_v_bwd, num_warps,
-                bwd_warps)
+                bwd_warps, num_stages)
     kv0 = ks0 = None
     if initial_state is not None:
         kv0, ks0 = initial_state

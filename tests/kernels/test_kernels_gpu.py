@@ -19,6 +19,7 @@ from kernels.sliding_window import (
     sliding_window_attention_dense,
     sliding_window_step,
 )
+from kernels.sliding_window.triton_impl import sliding_window_attention_triton
 from kernels.taylor_linear_attn import (
     taylor_linear_attention,
     taylor_linear_attention_step,
@@ -45,13 +46,17 @@ def test_taylor_linear_attention(dv, dtype):
     check_state_io_against_quadratic((o, (kv, ks)), (q, k, v, kv0, ks0), (q64, k64, v64, kv64, ks64), doc_ids, dtype)
 
 
+@pytest.mark.parametrize("bwd", ["split", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("dim,window", [(64, 128), (112, 128), (128, 64)], ids=lambda x: str(x))
-def test_sliding_window_attention(dim, window, dtype):
+def test_sliding_window_attention(dim, window, dtype, bwd):
     b, t, h = 2, 1500, 4
     doc_ids = packed_doc_ids(b, t, DOCS, device="cuda")
     (q, k, v), (q64, k64, v64) = leaves([torch.randn(b, t, h, dim, device="cuda") for _ in range(3)], dtype)
-    o = sliding_window_attention(q, k, v, window=window, doc_ids=doc_ids)
+    if bwd == "split":
+        o = sliding_window_attention(q, k, v, window=window, doc_ids=doc_ids)
+    else:
+        o = sliding_window_attention_triton(q, k, v, window=window, doc_ids=doc_ids, bwd="fused")
     o_ref = sliding_window_attention_dense(q64, k64, v64, window=window, doc_ids=doc_ids)
     check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), dtype, ["dq", "dk", "dv"])
 

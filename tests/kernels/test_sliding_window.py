@@ -16,6 +16,7 @@ CASES = [(1, 1, 1, 16, 4), (2, 17, 2, 32, 4), (2, 63, 3, 48, 8), (1, 100, 2, 112
          (2, 70, 2, 16, 0)]
 DTYPES = [torch.float32, torch.bfloat16]
 DOCS = {"one-doc": None, "packed": [5, 1, 30]}
+BWD_MODES = ["split", "fused"]
 
 
 def case_id(case) -> str:
@@ -27,30 +28,60 @@ def make_inputs(b, t, h, d):
     return [torch.randn(b, t, h, d, device=DEVICE) for _ in range(3)]
 
 
+def attend_triton(q, k, v, window, doc_ids, bwd):
+    """Triton attention with backward mode `bwd`: the default ("split") through the public function, the
+    other through the Triton entry (the public function takes no tuning options)."""
+    if bwd == "split":
+        return sliding_window_attention(q, k, v, window=window, doc_ids=doc_ids, backend="triton")
+    from kernels.sliding_window.triton_impl import sliding_window_attention_triton
+
+    return sliding_window_attention_triton(q, k, v, window=window, doc_ids=doc_ids, bwd=bwd)
+
+
+@pytest.mark.parametrize("bwd", BWD_MODES)
 @pytest.mark.parametrize("docs", list(DOCS), ids=list(DOCS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_and_gradients_match_float64(case, dtype, docs):
+def test_forward_and_gradients_match_float64(case, dtype, docs, bwd):
     b, t, h, d, window = case
     doc_ids = packed_doc_ids(b, t, DOCS[docs])
     (q, k, v), (q64, k64, v64) = leaves(make_inputs(b, t, h, d), dtype)
-    o = sliding_window_attention(q, k, v, window=window, doc_ids=doc_ids, backend="triton")
+    o = attend_triton(q, k, v, window, doc_ids, bwd)
     o_ref = sliding_window_attention_dense(q64, k64, v64, window=window, doc_ids=doc_ids)
     check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), dtype, ["dq", "dk", "dv"])
 
 
-@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 64)], ids=lambda bl: f"BM{bl[0]}-BN{bl[1]}")
-def test_block_shapes(blocks):
+# forward query/key tiles, then optional backward ones (the backward uses the forward's when absent)
+BLOCKS = [(16, 16), (32, 16), (16, 64), (64, 32, 16, 64)]
+
+
+def blocks_id(blocks) -> str:
+    fwd = f"BM{blocks[0]}-BN{blocks[1]}"
+    return fwd if len(blocks) == 2 else f"{fwd}-bwdBM{blocks[2]}-bwdBN{blocks[3]}"
+
+
+@pytest.mark.parametrize("bwd", BWD_MODES)
+@pytest.mark.parametrize("blocks", BLOCKS, ids=blocks_id)
+def test_block_shapes(blocks, bwd):
     """Other query/key block sizes visit the right key blocks (window not a multiple of the blocks)."""
     from kernels.sliding_window.triton_impl import sliding_window_attention_triton
 
     b, t, h, d, window = 1, 90, 2, 32, 21
     doc_ids = packed_doc_ids(b, t, [40, 13])
     (q, k, v), (q64, k64, v64) = leaves(make_inputs(b, t, h, d), torch.float32)
+    bwd_blocks = dict(zip(["bwd_block_m", "bwd_block_n"], blocks[2:], strict=False))
     o = sliding_window_attention_triton(q, k, v, window=window, doc_ids=doc_ids, block_m=blocks[0],
-                                        block_n=blocks[1])
+                                        block_n=blocks[1], bwd=bwd, **bwd_blocks)
     o_ref = sliding_window_attention_dense(q64, k64, v64, window=window, doc_ids=doc_ids)
     check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), torch.float32, ["dq", "dk", "dv"])
+
+
+def test_unknown_backward_mode_names_the_choices():
+    from kernels.sliding_window.triton_impl import sliding_window_attention_triton
+
+    q, k, v = make_inputs(1, 8, 1, 16)
+    with pytest.raises(ValueError, match=r"bwd='atomic'; expected one of \('split', 'fused'\)"):
+        sliding_window_attention_triton(q, k, v, window=4, bwd="atomic")
 
 
 @pytest.mark.parametrize("window", [0, 3, 40])
