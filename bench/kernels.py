@@ -329,7 +329,22 @@ def markdown_table(rows: list) -> str:
 
 # chunk 64 (1.5x slower f+b), feature block 16 (1.24x) and backward value block 64 (1.28x) lost the
 # second session's sweep (docs/PERFORMANCE.md) and are no longer timed
-LA_SWEEP = ({}, {"num_stages": 2}, {"num_stages": 4}, {"bwd_warps": 4})
+LA_SWEEP = ({}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 4, "bwd_warps": 4},
+            {"num_warps": 8, "bwd_warps": 8})
+
+
+def _distinct_la_configs(seqlen: int, dv: int) -> list[dict]:
+    """LA_SWEEP without the entries that resolve to the same block sizes as an earlier one at this shape
+    (the default warps depend on Dv, so one of the two warp entries repeats the default)."""
+    from kernels.taylor_linear_attn.triton_impl import Plan
+
+    seen, configs = set(), []
+    for cfg in LA_SWEEP:
+        key = repr(sorted(vars(Plan(seqlen, FEATURE_DIM, dv, **cfg)).items()))
+        if key not in seen:
+            seen.add(key)
+            configs.append(cfg)
+    return configs
 
 
 def sweep(ceil) -> tuple[dict, dict]:
@@ -343,7 +358,7 @@ def sweep(ceil) -> tuple[dict, dict]:
     for _, dv in LA_SHAPES:
         inputs = la_inputs(batch, seqlen, dv)
         results = []
-        for cfg in LA_SWEEP:
+        for cfg in _distinct_la_configs(seqlen, dv):
             t = try_time(f"la {cfg}", lambda q, k, v, c=cfg: taylor_linear_attention_triton(q, k, v, **c), inputs)
             print(f"  sweep la Dv{dv} T{seqlen} {cfg}: {_fmt(t)}", flush=True)
             if t is not None:

@@ -184,9 +184,10 @@ def evaluate(model, test_sets, batch_size: int, device: torch.device, precision:
 
 
 def _pick_la_backend(cfg: MQARConfig, device: torch.device) -> str:
-    """"auto" is the plain-PyTorch reference, with which every recorded MQAR result was produced (about 11 s
-    per epoch on an H100, so the kernel would save little here). The Triton kernel passes the GPU tests but
-    has not been run through a full MQAR sweep; opt in with --overrides '{"la_backend": "triton"}'."""
+    """"auto" is the plain-PyTorch reference in fp32, with which every recorded MQAR result was produced
+    (about 22 s per epoch with five runs sharing one H100). On the GPU the Triton kernel would multiply fp32
+    inputs in tf32, not the fp32 of Zoology's runs, and has not been run through a full MQAR sweep; opt in
+    with --overrides '{"la_backend": "triton"}'."""
     if cfg.la_backend in ("auto", "reference") or cfg.mixer != "linear_attn":
         return "reference"
     return cfg.la_backend
