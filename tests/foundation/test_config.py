@@ -164,9 +164,8 @@ def test_missing_data_path_is_a_config_error_for_training_and_the_launcher(tmp_p
 
     missing = tmp_path / "nope"
     overrides = [f"data.path={missing}", f"run_dir={tmp_path / 'run'}", "device=cpu"]
-    assert load_config(CONFIGS / "based_tiny.yaml", overrides).data.path == str(
-        missing
-    )  # the tools may load it
+    # the tools load a run's config without its data folder
+    assert load_config(CONFIGS / "based_tiny.yaml", overrides).data.path == str(missing)
     with pytest.raises(
         ConfigError, match=f"data.path: '{missing}' does not exist.*set by override 'data.path="
     ):
