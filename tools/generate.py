@@ -332,6 +332,17 @@ class StaticStep:
         return logits
 
 
+def continuation_text(tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text that `new` adds after `prompt`: the whole sequence decoded, minus the prompt's text.
+
+    Decoding `new` alone loses what depends on the tokens before it: SentencePiece drops the leading space
+    of a first piece "▁Oslo", so "Alice lives in" + decode(new) would read "Alice lives inOslo".
+    """
+    whole = tokenizer.decode(list(prompt) + list(new))
+    head = tokenizer.decode(list(prompt))
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(new))
+
+
 def has_attention(model) -> bool:
     return any(isinstance(b.mixer, CausalSelfAttention) for b in model.transformer.layers.values())
 
@@ -366,9 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     result = generate(model, prompts, args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p),
                       eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id, generator=generator, cuda_graph=graphs,
                       stop_at_eos=not args.no_stop_at_eos)
-    for prompt, tokens in zip(args.prompt, result.tokens, strict=True):
-        text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
-        print(f"{prompt}{text}")
+    for text, ids, tokens in zip(args.prompt, prompts, result.tokens, strict=True):
+        print(f"{text}{continuation_text(tokenizer, ids, [t for t in tokens if t != tokenizer.eos_id])}")
         print("-" * 40)
     new = sum(len(t) for t in result.tokens)
     print(f"[{new} new tokens; prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_s * 1e3:.1f} ms, "

@@ -43,7 +43,7 @@ from lm_eval.utils import (  # noqa: E402
     simple_parse_args_string,
 )
 
-from tools.generate import Sampling, generate  # noqa: E402
+from tools.generate import Sampling, continuation_text, generate  # noqa: E402
 from tools.model_io import load_model, load_tokenizer_for  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -182,8 +182,8 @@ class BasedPretrainLM(TemplateLM):
         result = generate(self.model, prompts, max_new, sampling, eos_id=self.eot_token_id, pad_id=self.eot_token_id,
                           cuda_graph=self.cuda_graph, should_stop=stop)
         texts = []
-        for tokens in result.tokens:
-            text = self.tok_decode([t for t in tokens if t != self.eot_token_id])
+        for prompt, tokens in zip(prompts, result.tokens, strict=True):
+            text = continuation_text(self.tokenizer, prompt, [t for t in tokens if t != self.eot_token_id])
             for u in until:
                 text = text.split(u)[0]
             texts.append(text)
