@@ -36,6 +36,9 @@ class DataConfig:
     reset_state_at_doc_boundaries: bool = False
     val_max_samples: int = 1000
     val_batch_size: int = 0
+    # the model's tokenizer spec where no manifest at data.path names one (tools/import_hf.py writes the
+    # published models' tiktoken:gpt2); the tools read it, training reads the data's manifest
+    tokenizer: str = ""
 
 
 @dataclass

@@ -348,7 +348,8 @@ def has_attention(model) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.model_io import load_model, load_tokenizer_for
+    from data_pipeline.errors import TokenizerError
+    from tools.model_io import ModelLoadError, load_model, load_tokenizer_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -368,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    loaded = load_model(args.checkpoint)
+    try:
+        loaded = load_model(args.checkpoint)
+        tokenizer = load_tokenizer_for(loaded, args.tokenizer)
+    except (ModelLoadError, TokenizerError) as err:
+        print(f"generate: error: {err}", file=sys.stderr)
+        return 1
     model = loaded.model.to(device=device, dtype=getattr(torch, dtype_name)).eval()
-    tokenizer = load_tokenizer_for(loaded, args.tokenizer)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     graphs = device.startswith("cuda") and args.cuda_graph != "off"
     generator = torch.Generator(device=device).manual_seed(args.seed)
