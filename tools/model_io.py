@@ -31,6 +31,7 @@ class LoadedModel:
     tokenizer_dir: Path | None = None  # a folder with tokenizer.json / tokenizer_config.json
     seq_len: int | None = None
     step: int | None = None
+    checkpoint_dir: Path | None = None  # the trainer checkpoint folder that was loaded (native only)
 
 
 def folder_kind(path: Path) -> str:
@@ -73,7 +74,7 @@ def _load_native(path: Path) -> LoadedModel:
     meta = json.loads((folder / "meta.json").read_text())
     spec = tokenizer_spec_of_data(cfg.data.path) or cfg.data.tokenizer or None
     return LoadedModel(model.eval(), "native", path, tokenizer_spec=spec, seq_len=cfg.data.seq_len,
-                       step=meta.get("step"))
+                       step=meta.get("step"), checkpoint_dir=folder)
 
 
 def _condense(message: str) -> str:
