@@ -230,8 +230,8 @@ def _merge(schema: DictConfig, raw: DictConfig, source: str) -> DictConfig:
 
 
 def _floats_in_int_fields(value: Any, hint: Any, key: str) -> list[str]:
-    """`key 'k': 2.5 is not a whole number` for every float given to an int field (some OmegaConf versions
-    truncate them silently)."""
+    """`key 'k': 2.5 is not a whole number` for every float given to an int field: checked here, not left to
+    the OmegaConf version at hand, so that a step count is never a truncated float."""
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         hints = typing.get_type_hints(hint)
         return [p for name, v in value.items() if name in hints
