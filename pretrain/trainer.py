@@ -23,6 +23,7 @@ from based_layers import build_model
 from data_pipeline.loader import GlobalOrderLoader, ValidationLoader
 from pretrain.checkpoint import Checkpointer, load_checkpoint
 from pretrain.config import TrainConfig, derive, to_yaml
+from pretrain.data_check import check_data_matches_config
 from pretrain.distributed import DistInfo, all_reduce_max, all_reduce_mean, seed_everything
 from pretrain.flops import training_flops_per_token
 from pretrain.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
@@ -73,6 +74,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_info
         self.derived = derive(cfg, dist_info.world_size)
+        check_data_matches_config(cfg)
         self.run_dir = cfg.resolved_run_dir
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
