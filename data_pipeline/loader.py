@@ -83,13 +83,17 @@ class SampleStore:
         tokens = np.empty((len(indices), width), self.layout.dtype)
         is_start = np.empty((len(indices), width), bool)
         shards = np.searchsorted(self.shard_starts, indices, side="right") - 1
+        expected = self.checksums.expected(indices)
         for row, (index, shard) in enumerate(zip(indices.tolist(), shards.tolist(), strict=True)):
             name = self.shard_names[shard]
             offset = (index - int(self.shard_starts[shard])) * self.layout.record_bytes
             record = self.reader.read(name, offset, self.layout.record_bytes)
             where = file_url(self.data_dir, name)
             tokens[row], is_start[row] = decode_record(record, self.layout, index, where)
-            self.checksums.check(record, index, index - int(self.shard_starts[shard]), where)
+            if expected is not None:
+                self.checksums.check(
+                    record, index, int(expected[row]), where, index - int(self.shard_starts[shard])
+                )
         if tokens.size and int(tokens.max()) >= self.vocab_size:
             row = int(np.argmax(tokens.max(axis=1) >= self.vocab_size))
             raise ShardError(
@@ -123,11 +127,21 @@ class _SampleChecksums:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_table": None, "_pid": None}
 
-    def check(self, record: bytes, index: int, in_shard: int, where: str) -> None:
-        """ShardError unless `record` (sample `index` of the split) has its recorded crc32."""
+    def expected(self, indices: np.ndarray) -> np.ndarray | None:
+        """The recorded crc32 uint32 [k] of samples `indices` [k]; None for data without checksums."""
         if self.name is None:
-            return
-        expected = self._expected(index)
+            return None
+        if self._table is None or self._pid != os.getpid():
+            self._table, self._pid = self._open(), os.getpid()
+        if isinstance(self._table, np.ndarray) and (
+            not len(indices) or int(indices.max()) < len(self._table)
+        ):
+            return self._table[indices]
+        return np.array([self._read_one(int(index)) for index in indices], np.uint32)
+
+    def check(self, record: bytes, index: int, expected: int, where: str, in_shard: int) -> None:
+        """ShardError unless `record` (sample `index` of the split, record `in_shard` of its shard) has
+        crc32 `expected`."""
         actual = record_crc32(record)
         if actual != expected:
             raise ShardError(
@@ -136,14 +150,12 @@ class _SampleChecksums:
                 f"prepare the data again (`python -m data_pipeline.inspect DIR --verify` checks every shard)"
             )
 
-    def _expected(self, index: int) -> int:
-        if self._table is None or self._pid != os.getpid():
-            self._table, self._pid = self._open(), os.getpid()
-        if isinstance(self._table, np.ndarray) and index < len(self._table):
-            return int(self._table[index])
+    def _read_one(self, index: int) -> int:
         data = b"" if isinstance(self._table, np.ndarray) else self._table.read(self.name, 4 * index, 4)
         if len(data) != 4:
-            raise ShardError(f"{file_url(self.data_dir, self.name)}: no checksum for sample {index} (truncated)")
+            raise ShardError(
+                f"{file_url(self.data_dir, self.name)}: no checksum for sample {index} (truncated)"
+            )
         return int.from_bytes(data, "little")
 
     def _open(self):

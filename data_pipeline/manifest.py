@@ -110,10 +110,10 @@ class Manifest:
             try:
                 size = os.path.getsize(path)
             except OSError as err:
-                raise ShardError(f"shard {path} listed in {self.where} is missing: {err}") from err
+                raise ShardError(f"{_kind(path)} {path} listed in {self.where} is missing: {err}") from err
             if size != shard["bytes"]:
                 raise ShardError(
-                    f"shard {path} has {size} bytes, {self.where} says {shard['bytes']}: the shard is truncated "
+                    f"{_kind(path)} {path} has {size} bytes, {self.where} says {shard['bytes']}: it is truncated "
                     "or was replaced; copy it again or prepare the data again"
                 )
 
@@ -127,14 +127,20 @@ class Manifest:
             try:
                 sha, size = file_sha256(self.data_dir, shard["name"])
             except (OSError, ShardError) as err:
-                problems.append(f"shard {file_url(self.data_dir, shard['name'])} cannot be read: {err}")
+                problems.append(
+                    f"{_kind(shard['name'])} {file_url(self.data_dir, shard['name'])} cannot be read: {err}"
+                )
                 continue
             if sha != shard["sha256"] or size != shard["bytes"]:
                 problems.append(
-                    f"shard {file_url(self.data_dir, shard['name'])}: sha256 {sha[:16]}... ({size} bytes) differs "
+                    f"{_kind(shard['name'])} {file_url(self.data_dir, shard['name'])}: sha256 {sha[:16]}... ({size} bytes) differs "
                     f"from {self.where} ({shard['sha256'][:16]}..., {shard['bytes']} bytes); copy it again"
                 )
         return problems
+
+
+def _kind(name: str) -> str:
+    return "checksum file" if name.endswith(CRC_SUFFIX) else "shard"
 
 
 def load_manifest(data_dir: str) -> Manifest:

@@ -233,7 +233,11 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _input_differences(key: str, before: list, after: list) -> list[str]:
     flag = "--input" if key == "inputs" else "--val-input"
     old, new = dict(map(tuple, before)), dict(map(tuple, after))
-    lines = [f"{flag} {path} was {old[path]} bytes, now {new[path]}" for path in new if old.get(path, new[path]) != new[path]]
+    lines = [
+        f"{flag} {path} was {old[path]} bytes, now {new[path]}"
+        for path in new
+        if old.get(path, new[path]) != new[path]
+    ]
     lines += [f"{flag} {path} is new" for path in new if path not in old]
     lines += [f"{flag} {path} is no longer given" for path in old if path not in new]
     if not lines and before != after:
@@ -289,7 +293,7 @@ def _clear_out(out: str) -> None:
     names = [MANIFEST] + [
         name
         for name in os.listdir(out)
-        if name.startswith(("train-", "val-")) and name.endswith((".tar", ".tar.tmp"))
+        if (name.startswith(("train-", "val-")) and name.endswith((".tar", ".tar.tmp")))
         or name in (f"train{CRC_SUFFIX}", f"val{CRC_SUFFIX}")
     ]
     removed = [name for name in names if os.path.isfile(os.path.join(out, name))]

@@ -14,7 +14,7 @@ names of every record it reads, so a corrupt or foreign tar is an error, never s
 
 Per-sample checksums: beside the shards, `{split}.crc32` holds little-endian uint32 [samples of the split]:
 entry k is zlib's crc32 of sample k's whole record (`record_bytes` bytes: both tar headers and payloads).
-The loader checks it on every read (crc32 of 6 KiB costs about a microsecond), so a flipped byte is an
+The loader checks it on every read (a crc32 of 6 KiB costs a few microseconds), so a flipped byte is an
 error naming the shard and sample. docs/DATA.md describes the whole format.
 """
 

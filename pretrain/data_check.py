@@ -52,12 +52,16 @@ def _check_tokenizer(cfg: TrainConfig, manifest: Manifest) -> None:
         raise ConfigError(f"{manifest.where}: key tokenizer lacks {missing}; prepare the data again")
     where = f"{manifest.where} (tokenizer {tok['name']}, {tok['spec']})"
     if not 0 <= tok["eos_id"] < tok["vocab_size"]:
-        raise ConfigError(f"{where}: tokenizer.eos_id {tok['eos_id']} is outside tokenizer.vocab_size "
-                          f"{tok['vocab_size']}; the manifest is corrupt: prepare the data again")
+        raise ConfigError(
+            f"{where}: tokenizer.eos_id {tok['eos_id']} is outside tokenizer.vocab_size "
+            f"{tok['vocab_size']}; the manifest is corrupt: prepare the data again"
+        )
     dtype = manifest.data.get("token_dtype")
     if dtype != manifest.layout.dtype or (dtype == "uint16" and token_dtype(tok["vocab_size"]) != dtype):
-        raise ConfigError(f"{where}: token_dtype {dtype!r} (layout {manifest.layout.dtype!r}) cannot hold "
-                          f"tokenizer.vocab_size {tok['vocab_size']}; the manifest is corrupt: prepare the data again")
+        raise ConfigError(
+            f"{where}: token_dtype {dtype!r} (layout {manifest.layout.dtype!r}) cannot hold "
+            f"tokenizer.vocab_size {tok['vocab_size']}; the manifest is corrupt: prepare the data again"
+        )
     if tok["vocab_size"] > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but {where} has tokenizer.vocab_size {tok['vocab_size']}: "
@@ -71,5 +75,7 @@ def _check_val_split(cfg: TrainConfig, manifest: Manifest) -> None:
         try:
             manifest.split("val")
         except DataError as err:
-            raise ConfigError(f"logging.val_interval={cfg.logging.val_interval} needs a validation split: {err}; "
-                              "or set logging.val_interval=0") from None
+            raise ConfigError(
+                f"logging.val_interval={cfg.logging.val_interval} needs a validation split: {err}; "
+                "or set logging.val_interval=0"
+            ) from None

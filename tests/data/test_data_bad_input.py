@@ -176,7 +176,9 @@ def test_flipped_token_byte_is_an_error_naming_shard_and_sample(broken_copy):
     data[sample * layout.record_bytes + layout.tokens_offset + layout.tokens_bytes - 7] ^= 0x01
     shard.write_bytes(bytes(data))
     loader = GlobalOrderLoader(str(broken_copy), global_batch_size=8, micro_batch_size=2)
-    with pytest.raises(ShardError, match=f"{shard}: sample {sample} \\(record {sample} of the shard\\) fails its checksum"):
+    with pytest.raises(
+        ShardError, match=f"{shard}: sample {sample} \\(record {sample} of the shard\\) fails its checksum"
+    ):
         for _ in itertools.islice(loader, loader.samples_per_epoch // 2 + 1):
             pass
     store = SampleStore(manifest, "train")

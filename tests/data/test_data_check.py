@@ -33,7 +33,9 @@ def test_seq_len_that_differs_from_the_shards_names_both_keys(prepared):
 
 def test_vocabulary_larger_than_the_models_names_both_keys(prepared):
     vocab = read_manifest(prepared)["tokenizer"]["vocab_size"]
-    with pytest.raises(ConfigError, match=f"model.vocab_size=256 but {prepared}/manifest.json .*tokenizer.vocab_size {vocab}"):
+    with pytest.raises(
+        ConfigError, match=f"model.vocab_size=256 but {prepared}/manifest.json .*tokenizer.vocab_size {vocab}"
+    ):
         check_data_matches_config(tiny_config(prepared, "model.vocab_size=256"))
     # a model vocabulary larger than the tokenizer's is fine (the published Mamba recipe)
     check_data_matches_config(tiny_config(prepared, "model.vocab_size=50277"))
@@ -60,9 +62,20 @@ def test_bad_tokenizer_record_and_missing_val_split_are_named(tmp_path, prepared
 def test_trainer_refuses_before_step_0(tmp_path, prepared):
     """The command the user runs: a config error (exit 2) naming the manifest; no run folder is written."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pretrain.train", "configs/based_tiny.yaml", f"data.path={prepared}",
-           f"run_dir={run_dir}", "device=cpu", "logging.progress_bar=false", "schedule.max_steps=2",
-           "schedule.warmup_steps=1", "data.global_batch_size=8", "data.micro_batch_size=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        "configs/based_tiny.yaml",
+        f"data.path={prepared}",
+        f"run_dir={run_dir}",
+        "device=cpu",
+        "logging.progress_bar=false",
+        "schedule.max_steps=2",
+        "schedule.warmup_steps=1",
+        "data.global_batch_size=8",
+        "data.micro_batch_size=4",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"config error: data.seq_len=128 but {prepared}/manifest.json has seq_len 32" in proc.stderr

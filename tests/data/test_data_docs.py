@@ -70,11 +70,15 @@ def test_the_documented_recipe_decodes_a_shard_like_the_loader(prepared):
         bits = np.load(io.BytesIO(sample["docstarts.npy"]))
         assert row.dtype == np.dtype("<u2") and bits.dtype == np.uint8 and len(bits) == (len(row) + 7) // 8
         assert np.array_equal(row, tokens[j])
-        assert np.array_equal(np.unpackbits(bits, count=len(row), bitorder="little").astype(bool), is_start[j])
+        assert np.array_equal(
+            np.unpackbits(bits, count=len(row), bitorder="little").astype(bool), is_start[j]
+        )
     crcs = np.fromfile(prepared / "train.crc32", "<u4")
     record = manifest.layout.record_bytes
     data = (prepared / shard["name"]).read_bytes()
-    assert [zlib.crc32(data[j * record : (j + 1) * record]) for j in range(3)] == crcs[first : first + 3].tolist()
+    assert [zlib.crc32(data[j * record : (j + 1) * record]) for j in range(3)] == crcs[
+        first : first + 3
+    ].tolist()
 
 
 def test_a_global_batch_across_an_epoch_end_can_repeat_a_sample_and_each_epoch_is_whole():

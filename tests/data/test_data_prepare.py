@@ -183,7 +183,9 @@ def _garbled_twin(good: bytes, start: int) -> bytes:
     raise AssertionError("no same-size garbling found")
 
 
-def test_corrupt_zstd_frame_commits_no_shard_and_the_rerun_rewrites_them(tmp_path, monkeypatch, tiktoken_spec):
+def test_corrupt_zstd_frame_commits_no_shard_and_the_rerun_rewrites_them(
+    tmp_path, monkeypatch, tiktoken_spec
+):
     """Issue 14 item 10: records read from a zstd frame whose checksum later fails must not reach a committed
     checkpoint; after the file is replaced (same size, so the settings are the same) the rerun's shards
     equal a clean run's, not the garbled ones."""
@@ -191,11 +193,11 @@ def test_corrupt_zstd_frame_commits_no_shard_and_the_rerun_rewrites_them(tmp_pat
     from data_pipeline.errors import CorruptInputError
     from data_pipeline.tiny_corpus import generate_documents
 
-    texts = generate_documents(600, seed=5)
+    texts = generate_documents(450, seed=5)
     good = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
     record_40 = good.index(json.dumps({"text": texts[40]}).encode())
     path = tmp_path / "in.jsonl.zst"
-    options = {"chunk_records": 8, "shard_samples": 25}
+    options = {"chunk_records": 8, "shard_samples": 60}
     # small reads, as for a large file: output reaches the records long before the frame ends
     monkeypatch.setattr(sources._ZstdRaw, "CHUNK", 2048)
     path.write_bytes(_zstd_with_checksum(good))
@@ -237,11 +239,14 @@ def test_rerun_after_a_failed_prepare_names_the_changed_setting_and_restart_star
     assert (tmp_path / "out" / "train-000000.tar").exists()
     path.write_text("".join(lines))
     size = path.stat().st_size
-    with pytest.raises(PrepareStateError, match=f"--input {path} was {size + 16} bytes, now {size}.*--restart"):
+    with pytest.raises(
+        PrepareStateError, match=f"--input {path} was {size + 16} bytes, now {size}.*--restart"
+    ):
         prepare(config)
-    assert prepare(dataclasses.replace(config, restart=True))["splits"] == prepare(
-        make_config([str(path)], tiktoken_spec, tmp_path / "clean")
-    )["splits"]
+    assert (
+        prepare(dataclasses.replace(config, restart=True))["splits"]
+        == prepare(make_config([str(path)], tiktoken_spec, tmp_path / "clean"))["splits"]
+    )
     with pytest.raises(PrepareStateError, match="seq_len was 32, now 16.*--restart"):
         prepare(dataclasses.replace(config, seq_len=16))
 
@@ -255,13 +260,17 @@ def test_out_that_is_a_file_is_a_clean_error(tmp_path, corpus_file, tiktoken_spe
     assert out.read_bytes() == b"not a folder"
 
 
-def test_rerun_detects_a_deleted_shard_and_restart_rewrites_it(tmp_path, prepared, corpus_file, tiktoken_spec):
+def test_rerun_detects_a_deleted_shard_and_restart_rewrites_it(
+    tmp_path, prepared, corpus_file, tiktoken_spec
+):
     """Issue 14 item 15: a rerun of a finished prepare checks the files the manifest lists."""
     out = tmp_path / "out"
     shutil.copytree(prepared, out)
     (out / "train-000002.tar").unlink()
     config = make_config([corpus_file], tiktoken_spec, out)
-    with pytest.raises(PrepareStateError, match=f"{out}/train-000002.tar, listed in .*manifest.json, is missing.*--restart"):
+    with pytest.raises(
+        PrepareStateError, match=f"{out}/train-000002.tar, listed in .*manifest.json, is missing.*--restart"
+    ):
         prepare(config)
     (out / "val.crc32").write_bytes(b"")
     (out / "tokenizer-notes.txt").write_text("the user's own file")

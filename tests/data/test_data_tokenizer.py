@@ -115,7 +115,9 @@ def test_vocab_hash_covers_the_tokenization_not_the_patterns_spelling(tiktoken_s
     for tok in tokenizers:
         assert tok.vocab_hash == from_file.vocab_hash
         assert [tok.encode(text) for text in EDGE_TEXTS] == [from_file.encode(text) for text in EDGE_TEXTS]
-    other_rule = tiktoken.Encoding("other", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens=specials)
+    other_rule = tiktoken.Encoding(
+        "other", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens=specials
+    )
     assert TiktokenTokenizer(other_rule, "other", "other").vocab_hash != from_file.vocab_hash
     # data prepared with the earlier hash of the same tokenizer is still accepted
     for old_hash in from_file.accepted_hashes:
