@@ -74,12 +74,12 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_info
         self.derived = derive(cfg, dist_info.world_size)
-        check_data_matches_config(cfg)
         self.run_dir = cfg.resolved_run_dir
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)
         check_layout(cfg, self.derived)
+        check_data_matches_config(cfg)
         model = build_model(cfg.model).to(dist_info.device)
         self.model = parallelize(model, cfg, self.derived, dist_info)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim, dist_info.device)
