@@ -369,8 +369,7 @@ class _StateStore:
             if self.state["settings_hash"] != settings["settings_hash"]:
                 old = self.state.get("settings", {})
                 raise _settings_mismatch(f"{out} holds an unfinished prepare", self.path, old, settings)
-            splits = {name: split for name, split in self.state["splits"].items()}
-            _check_listed_files(out, splits, self.path)
+            _check_listed_files(out, self.state["splits"], self.path)
             _log(f"resuming the unfinished prepare in {out}")
         else:
             stale = glob.glob(os.path.join(out, "train-*.tar")) + glob.glob(os.path.join(out, "val-*.tar"))
