@@ -23,6 +23,7 @@ from based_layers import build_model
 from data_pipeline.loader import GlobalOrderLoader, ValidationLoader
 from pretrain.checkpoint import Checkpointer, load_checkpoint
 from pretrain.config import TrainConfig, derive, to_yaml
+from pretrain.data_check import check_data_matches_config
 from pretrain.distributed import DistInfo, all_reduce_max, all_reduce_mean, seed_everything
 from pretrain.flops import training_flops_per_token
 from pretrain.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
@@ -78,6 +79,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)
         check_layout(cfg, self.derived)
+        check_data_matches_config(cfg)
         model = build_model(cfg.model).to(dist_info.device)
         self.model = parallelize(model, cfg, self.derived, dist_info)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim, dist_info.device)
