@@ -11,7 +11,8 @@ A checkpoint folder is untrusted input (a colleague's run, a download, a corrupt
   that exact form is allowed for the allowed Enum classes and their member names only.
 - The unpickled object is checked to be a DCP `Metadata` whose records point at this folder's own
   `__R_N.distcp` files, with no storage transforms.
-- `SafeLoadPlanner` refuses a byte entry (`BytesStorageMetadata`) where the state dict expects a tensor, and
+- A byte entry (`BytesStorageMetadata`) under the model or optimizer keys is refused outright, and
+  `SafeLoadPlanner` refuses one (`BytesStorageMetadata`) where the state dict expects a tensor, and
   loads any byte entry it does accept with `torch.load(weights_only=True)`.
 - `SafeFileSystemReader.read_data` checks that every tensor record is a torch zip record before DCP reads it
   (with `weights_only=True`), and names the file when a record cannot be read.
@@ -37,6 +38,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 # what torch.save writes since 1.6 (a zip archive); DCP stores each tensor record in that format
 _ZIP_MAGIC = b"PK\x03\x04"
+# the top-level keys of our checkpoints (pretrain/checkpoint.py): tensors only
+TENSOR_PREFIXES = ("model.", "optim.")
 _RECORD_FILE = re.compile(r"__\d+_\d+\.distcp")
 _METADATA_CLASSES = ("Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
                      "TensorProperties", "ChunkStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING")
@@ -112,6 +115,11 @@ def check_metadata(metadata: Any, path: Path) -> None:
     if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(
             v, (TensorStorageMetadata, BytesStorageMetadata)) for k, v in entries.items()):
         raise UnsafeCheckpointError(f"{path}: state_dict_metadata is not a dict of tensor/bytes entries")
+    # model and optimizer state are tensors only; a byte entry there is a swap (loaded even when unused)
+    for fqn, entry in entries.items():
+        if fqn.startswith(TENSOR_PREFIXES) and isinstance(entry, BytesStorageMetadata):
+            raise UnsafeCheckpointError(f"{path}: {fqn!r} is declared as a byte entry, but model and optimizer "
+                                        "state are tensors; refusing the checkpoint")
     records = metadata.storage_data
     if not isinstance(records, dict):
         raise UnsafeCheckpointError(f"{path}: storage_data is not a dict")
