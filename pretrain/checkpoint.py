@@ -291,13 +291,15 @@ def verify_checkpoint(folder: Path) -> str | None:
             return "meta.json: 'files' is not a table of {bytes, sha256} per file"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"meta.json unreadable: {err}"
-    on_disk = {p.name for p in folder.iterdir()} - {"meta.json"}
-    for name in sorted(set(REQUIRED_FILES) - set(files)):
-        return f"meta.json does not list {name}"
+    # every file must be listed: an empty or partial list would otherwise pass vacuously
+    unlisted = sorted(({p.name for p in folder.iterdir()} - {"meta.json"}) - set(files))
+    missing = sorted(set(REQUIRED_FILES) - set(files))
+    if missing:
+        return f"meta.json does not list {', '.join(missing)}"
     if not any(name.endswith(".distcp") for name in files):
         return "meta.json lists no tensor file (*.distcp)"
-    for name in sorted(on_disk - set(files)):
-        return f"{name} is not listed in meta.json"
+    if unlisted:
+        return f"{', '.join(unlisted)} not listed in meta.json"
     for name, info in sorted(files.items()):
         path = folder / name
         if "/" in name or name in ("", ".", "..") or not path.is_file():

@@ -21,7 +21,7 @@ import torch
 
 from based_layers import build_model
 from data_pipeline.loader import GlobalOrderLoader, ValidationLoader
-from pretrain.checkpoint import CheckpointError, Checkpointer, load_checkpoint, load_newest
+from pretrain.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_newest
 from pretrain.config import TrainConfig, derive, to_yaml
 from pretrain.distributed import DistInfo, all_reduce_max, all_reduce_mean, seed_everything
 from pretrain.flops import training_flops_per_token
@@ -124,7 +124,11 @@ class Trainer:
             candidates = self.checkpointer.candidates()
             if not candidates:
                 return None
-            folder, ts = load_newest(candidates, model, self.optimizer, where=self.checkpointer.root)
+            try:
+                folder, ts = load_newest(candidates, model, self.optimizer, where=self.checkpointer.root)
+            except CheckpointError as err:
+                raise CheckpointError(f"{err}\nNothing was changed in {self.run_dir}. Restore or remove these "
+                                      "checkpoints, or start over with checkpoint.resume=none or a new run_dir.") from None
         else:
             folder = Path(choice)
             ts = load_checkpoint(folder, model, self.optimizer)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, Checkpointer, load_model_for_export, verify_checkpoint
+from pretrain.checkpoint import Checkpointer, CheckpointError, load_model_for_export, verify_checkpoint
 from pretrain.config import CheckpointConfig, load_config
 from tests.trainer.conftest import ROOT
 
