@@ -7,7 +7,7 @@ A checkpoint folder is untrusted input (a colleague's run, a download, a corrupt
 - `.metadata` is read by `MetadataUnpickler`, which resolves only an explicit table of exact (module, name)
   pairs (DCP's metadata classes, torch.Size, dtypes, layouts, paths). It never imports a module and never
   follows a dotted name through attributes (protocol 4's STACK_GLOBAL would otherwise reach `os.system` from
-  any allowed module). Python 3.11.0-3.11.4 pickle Enum members as `builtins.getattr(EnumClass, 'NAME')`;
+  any allowed module). Early Python 3.11 releases (Debian 12 ships 3.11.2) pickle Enum members as `builtins.getattr(EnumClass, 'NAME')`;
   that exact form is allowed for the allowed Enum classes and their member names only.
 - The unpickled object is checked to be a DCP `Metadata` whose records point at this folder's own
   `__R_N.distcp` files, with no storage transforms.
@@ -48,7 +48,7 @@ TENSOR_PREFIXES = ("model.", "optim.")
 _RECORD_FILE = re.compile(r"__\d+_\d+\.distcp")
 _METADATA_CLASSES = ("Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
                      "TensorProperties", "ChunkStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING")
-# the Enum classes whose members may be pickled as builtins.getattr(cls, name) (Python 3.11.0-3.11.4)
+# the Enum classes whose members may be pickled as builtins.getattr(cls, name) (early Python 3.11, e.g. 3.11.2)
 _ALLOWED_ENUMS = (dcp_metadata._MEM_FORMAT_ENCODING,)
 
 

@@ -198,7 +198,7 @@ def test_dotted_global_is_refused_by_the_unpickler(tmp_path):
 
 
 class _Python3112Pickler(pickle.Pickler):
-    """Pickles Enum members the way Python 3.11.0-3.11.4 do: builtins.getattr(EnumClass, 'NAME')."""
+    """Pickles Enum members the way Python 3.11.2 (Debian 12) does: builtins.getattr(EnumClass, 'NAME')."""
 
     member_name: str | None = None
 
@@ -249,3 +249,21 @@ def test_getattr_form_allows_only_enum_member_names(member, base_run, tmp_path):
     _write_metadata_as_3112(folder, member)
     with pytest.raises(CheckpointError, match=f"{folder / '.metadata'}.*not a member"):
         load_model_for_export(folder)
+
+
+# pickle.dumps([_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT], protocol=4) by Debian 12's /usr/bin/python3 (3.11.2)
+PYTHON_3_11_2_ENUM_LIST = bytes.fromhex(
+    "8004957a000000000000005d948c086275696c74696e73948c07676574617474729493948c25746f7263682e64697374726962757465642e636865636b706f696e742e6d65746164617461948c145f4d454d5f464f524d41545f454e434f44494e479493948c17544f5243485f434f4e544947554f55535f464f524d41549486945294612e"
+)
+
+
+def test_crafted_pickler_writes_what_python_3_11_2_writes():
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from pretrain.safe_dcp import MetadataUnpickler
+
+    buffer = io.BytesIO()
+    _Python3112Pickler(buffer, protocol=4).dump([_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT])
+    assert buffer.getvalue() == PYTHON_3_11_2_ENUM_LIST
+    loaded = MetadataUnpickler(io.BytesIO(PYTHON_3_11_2_ENUM_LIST)).load()
+    assert loaded == [_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT]
