@@ -211,7 +211,8 @@ class Checkpointer:
 
     def _finalize(self, tmp: Path, final: Path, train_state: dict, config_yaml: str) -> None:
         """Each rank hashes its own files; rank 0 publishes the folder."""
-        mine = [p.name for p in tmp.iterdir() if p.name.startswith(f"__{_rank()}_") or p.name == f"rng_rank{_rank()}.json"]
+        rank = _rank()
+        mine = [p.name for p in tmp.iterdir() if p.name.startswith(f"__{rank}_") or p.name == f"rng_rank{rank}.json"]
         hashes = _hash_files(tmp, mine)
         gathered = [None] * _world()
         if dist.is_initialized():
@@ -262,7 +263,8 @@ class Checkpointer:
         for s in steps:
             if s not in keep:
                 if s not in good:
-                    log.warning("removing corrupt checkpoint %s (%s)", self.folder(s), verify_checkpoint(self.folder(s)))
+                    why = verify_checkpoint(self.folder(s))
+                    log.warning("removing corrupt checkpoint %s (%s)", self.folder(s), why)
                 shutil.rmtree(self.folder(s), ignore_errors=True)
 
     def complete_steps(self) -> list[int]:

@@ -7,8 +7,9 @@ A checkpoint folder is untrusted input (a colleague's run, a download, a corrupt
 - `.metadata` is read by `MetadataUnpickler`, which resolves only an explicit table of exact (module, name)
   pairs (DCP's metadata classes, torch.Size, dtypes, layouts, paths). It never imports a module and never
   follows a dotted name through attributes (protocol 4's STACK_GLOBAL would otherwise reach `os.system` from
-  any allowed module). Early Python 3.11 releases (Debian 12 ships 3.11.2) pickle Enum members as `builtins.getattr(EnumClass, 'NAME')`;
-  that exact form is allowed for the allowed Enum classes and their member names only.
+  any allowed module). Early Python 3.11 releases (Debian 12 ships 3.11.2) pickle Enum members as
+  `builtins.getattr(EnumClass, 'NAME')`; that exact form is allowed for the allowed Enum classes and their
+  member names only.
 - The unpickled object is checked to be a DCP `Metadata` whose records point at this folder's own
   `__R_N.distcp` files, with no storage transforms.
 - A byte entry (`BytesStorageMetadata`) under the model or optimizer keys is refused outright, and
@@ -171,7 +172,8 @@ class SafeFileSystemReader(FileSystemReader):
             raise
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UnsafeCheckpointError(f"{self._folder}/{', '.join(files)}: a record could not be read: {first}") from None
+            where = f"{self._folder}/{', '.join(files)}"
+            raise UnsafeCheckpointError(f"{where}: a record could not be read: {first}") from None
 
     def _check_record(self, item) -> None:
         """A tensor record must be a torch zip record inside its file (a bare pickle is refused unread)."""

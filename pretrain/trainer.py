@@ -128,7 +128,8 @@ class Trainer:
                 folder, ts = load_newest(candidates, model, self.optimizer, where=self.checkpointer.root)
             except CheckpointError as err:
                 raise CheckpointError(f"{err}\nNothing was changed in {self.run_dir}. Restore or remove these "
-                                      "checkpoints, or start over with checkpoint.resume=none or a new run_dir.") from None
+                                      "checkpoints, or start over with checkpoint.resume=none or a new "
+                                      "run_dir.") from None
         else:
             folder = Path(choice)
             ts = load_checkpoint(folder, model, self.optimizer)
@@ -137,7 +138,8 @@ class Trainer:
                                     ts.get("consecutive_skips", 0))
             self.loader.load_state_dict(ts["loader"])
         except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{folder / 'train_state.json'}: not a train state this trainer wrote ({err!r})") from None
+            raise CheckpointError(f"{folder / 'train_state.json'}: not a train state this trainer wrote "
+                                  f"({err!r})") from None
         return folder
 
     def _open_run_folder(self) -> None:
