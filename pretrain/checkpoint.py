@@ -153,7 +153,7 @@ class _PendingSave:
         try:
             self.future.result()
             publish()
-        except BaseException as err:  # noqa: BLE001 - re-raised in the training thread by wait()
+        except BaseException as err:  # re-raised in the training thread by wait()
             self.error = err
 
     def wait(self) -> None:
