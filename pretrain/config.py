@@ -120,6 +120,8 @@ class TrainConfig:
     precision: str = "bf16"
     deterministic: bool = False
     nonfinite_policy: str = "skip"
+    # under `skip`: at most this many skipped steps in a row; the next non-finite step stops as `stop` does
+    nonfinite_skip_limit: int = 20
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -304,6 +306,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"precision: {cfg.precision!r}; expected 'bf16' or 'fp32'")
     if cfg.nonfinite_policy not in ("skip", "stop"):
         problems.append(f"nonfinite_policy: {cfg.nonfinite_policy!r}; expected 'skip' or 'stop'")
+    if cfg.nonfinite_skip_limit < 1:
+        problems.append(f"nonfinite_skip_limit: {cfg.nonfinite_skip_limit}; expected a positive number of steps")
     if cfg.parallel.pp_schedule not in ("1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"):
         problems.append(f"parallel.pp_schedule: {cfg.parallel.pp_schedule!r}; expected 1f1b, interleaved_1f1b, gpipe or zero_bubble")
     if cfg.schedule.warmup_steps > cfg.schedule.max_steps:

@@ -62,15 +62,14 @@ def load_model(path: str | Path) -> LoadedModel:
 def _load_native(path: Path) -> LoadedModel:
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from pretrain.checkpoint import load_model_for_export, resolve_checkpoint
+    from pretrain.checkpoint import load_native
 
-    _explain_unusable_run(path)
     try:
-        cfg, model = load_model_for_export(path)
+        # verified against meta.json, read without running stored code, older checkpoints tried next
+        cfg, model, folder = load_native(path)
     # DCP's CheckpointException derives from BaseException, and its message holds a whole traceback
     except (Exception, CheckpointException) as err:
         raise ModelLoadError(_condense(str(err))) from err
-    folder = resolve_checkpoint(path)
     meta = json.loads((folder / "meta.json").read_text())
     spec = tokenizer_spec_of_data(cfg.data.path) or cfg.data.tokenizer or None
     return LoadedModel(model.eval(), "native", path, tokenizer_spec=spec, seq_len=cfg.data.seq_len,
@@ -83,21 +82,6 @@ def _condense(message: str) -> str:
     if "Traceback" not in message or len(lines) < 2:
         return message
     return f"{lines[0].split('CheckpointException')[0].rstrip(': ')}: {lines[-1]}"
-
-
-def _explain_unusable_run(path: Path) -> None:
-    """A run folder whose checkpoints are all broken: say what is wrong with each (not just "none found")."""
-    from pretrain.checkpoint import Checkpointer, verify_checkpoint
-    from pretrain.config import CheckpointConfig
-
-    if (path / "meta.json").is_file() or not (path / "checkpoints").is_dir():
-        return
-    ckpt = Checkpointer(path, CheckpointConfig())
-    steps = ckpt.complete_steps()
-    problems = [(ckpt.folder(s), verify_checkpoint(ckpt.folder(s))) for s in steps]
-    if steps and all(p is not None for _, p in problems):
-        lines = "; ".join(f"{folder.name}: corrupted checkpoint: {p}" for folder, p in problems)
-        raise ModelLoadError(f"{path}: no usable checkpoint ({lines})")
 
 
 def tokenizer_spec_of_data(data_dir: str | Path) -> str | None:
