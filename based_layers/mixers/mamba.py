@@ -126,7 +126,7 @@ class Mamba(nn.Module):
                                     delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
                                     return_last_state=True)
         out = self.out_proj(y.transpose(1, 2).to(x.dtype))
-        return out, {"conv": conv_history(xs, self.d_conv), "ssm": last.float()}
+        return out, {"conv": conv_history(xs, self.d_conv), "ssm": last.float().contiguous()}
 
     def _step_mamba_ssm(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
         """One token on mamba-ssm's selective_state_update; state["conv"] and state["ssm"] change in place."""
