@@ -9,7 +9,7 @@ import torch
 import kernels._common
 
 TRITON_MODULES = ("kernels.taylor_linear_attn.triton_impl", "kernels.sliding_window.triton_impl",
-                  "kernels.short_conv.triton_impl")
+                  "kernels.short_conv.triton_impl", "kernels.fused_norm.triton_impl")
 
 
 def _decorate_for_interpreter() -> None:
