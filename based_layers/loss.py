@@ -36,8 +36,14 @@ class LinearCrossEntropy(nn.Module):
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         backend = _BACKEND[resolve_loss_impl(self.impl, hidden.device)]
-        return linear_cross_entropy(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index=IGNORE_INDEX,
-                                    chunk_size=self.chunk_size, backend=backend)
+        return linear_cross_entropy(
+            hidden.flatten(0, -2),
+            weight,
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            chunk_size=self.chunk_size,
+            backend=backend,
+        )
 
     def extra_repr(self) -> str:
         return f"impl={self.impl}, chunk_size={self.chunk_size}"

@@ -20,19 +20,29 @@ _MAX_DIM = 65536
 
 
 def _check(x: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor) -> None:
-    if not all(isinstance(t, torch.Tensor) for t in (x, weight)) or (update is not None and
-                                                                     not isinstance(update, torch.Tensor)):
+    if not all(isinstance(t, torch.Tensor) for t in (x, weight)) or (
+        update is not None and not isinstance(update, torch.Tensor)
+    ):
         raise ValueError(f"{_OP}: x, update and weight must be torch.Tensors")
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"{_OP}: expected x [..., D] and weight [D]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"{_OP}: expected x [..., D] and weight [D]; got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     if update is not None and update.shape != x.shape:
         raise ValueError(f"{_OP}: update must have x's shape {tuple(x.shape)}; got {tuple(update.shape)}")
     check_same_device(_OP, x=x, update=update, weight=weight)
 
 
-def add_rms_norm(x: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, *, eps: float,
-                 out_dtype: torch.dtype | None = None, residual_dtype: torch.dtype | None = None,
-                 backend: str = "triton"):
+def add_rms_norm(
+    x: torch.Tensor,
+    update: torch.Tensor | None,
+    weight: torch.Tensor,
+    *,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+    backend: str = "triton",
+):
     """RMSNorm of x (update None) or of the new residual stream x + update.
 
     Returns y [..., D] in `out_dtype` (default: weight's dtype) when `update` is None, else (y, residual) with
@@ -48,11 +58,15 @@ def add_rms_norm(x: torch.Tensor, update: torch.Tensor | None, weight: torch.Ten
         if update is None:
             return rms_norm_reference(x, weight, eps, out_dtype)
         return add_rms_norm_reference(x, update, weight, eps, out_dtype, residual_dtype)
-    dtypes = {x.dtype, weight.dtype, out_dtype, residual_dtype} | ({update.dtype} if update is not None else set())
+    dtypes = {x.dtype, weight.dtype, out_dtype, residual_dtype} | (
+        {update.dtype} if update is not None else set()
+    )
     if not dtypes <= set(_TRITON_FLOATS):
         raise ValueError(f"{_OP}: backend='triton' takes {_TRITON_FLOATS}; got {sorted(map(str, dtypes))}")
     if x.shape[-1] > _MAX_DIM:
-        raise ValueError(f"{_OP}: backend='triton' keeps one row in registers: D = {x.shape[-1]} > {_MAX_DIM}")
+        raise ValueError(
+            f"{_OP}: backend='triton' keeps one row in registers: D = {x.shape[-1]} > {_MAX_DIM}"
+        )
     from .triton_impl import add_rms_norm_triton
 
     return add_rms_norm_triton(x, update, weight, eps, out_dtype, residual_dtype)

@@ -14,7 +14,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
     """y [..., D] = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in `out_dtype`."""
     cdt = _compute_dtype(x)
     x32 = x.to(cdt)
@@ -22,8 +24,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dt
     return (y * weight.to(cdt)).to(out_dtype)
 
 
-def add_rms_norm_reference(x: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float,
-                           out_dtype: torch.dtype, residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_reference(
+    x: torch.Tensor,
+    update: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, residual): residual = x + update in `residual_dtype` (the new residual stream), y = its RMSNorm."""
     residual = x.to(residual_dtype) + update.to(residual_dtype)
     return rms_norm_reference(residual, weight, eps, out_dtype), residual

@@ -21,8 +21,9 @@ from .._common import new_output, next_pow2, num_sms
 
 
 @triton.jit
-def _fwd_kernel(X, U, W, Y, R, RSTD, N, eps, sx, su, sy, sr,
-                HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_fwd_kernel(
+    X, U, W, Y, R, RSTD, N, eps, sx, su, sy, sr, HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -30,7 +31,7 @@ def _fwd_kernel(X, U, W, Y, R, RSTD, N, eps, sx, su, sy, sr,
     if HAS_UPDATE:
         # the sum is rounded to the residual dtype first, so the norm sees exactly the stored stream
         u = tl.load(U + row * su + cols, mask=mask, other=0.0).to(tl.float32)
-        r = (x.to(R.dtype.element_ty).to(tl.float32) + u.to(R.dtype.element_ty).to(tl.float32))
+        r = x.to(R.dtype.element_ty).to(tl.float32) + u.to(R.dtype.element_ty).to(tl.float32)
         r = r.to(R.dtype.element_ty)
         tl.store(R + row * sr + cols, r, mask=mask)
         x = r.to(tl.float32)
@@ -41,8 +42,27 @@ def _fwd_kernel(X, U, W, Y, R, RSTD, N, eps, sx, su, sy, sr,
 
 
 @triton.jit
-def _bwd_kernel(R, W, RSTD, DY, DRES, DX, DU, DW_PART, M, N, rows_per_program, sr, sdy, sdr, sdx, sdu,
-                HAS_DRES: tl.constexpr, HAS_DU: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_bwd_kernel(
+    R,
+    W,
+    RSTD,
+    DY,
+    DRES,
+    DX,
+    DU,
+    DW_PART,
+    M,
+    N,
+    rows_per_program,
+    sr,
+    sdy,
+    sdr,
+    sdx,
+    sdu,
+    HAS_DRES: tl.constexpr,
+    HAS_DU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -79,9 +99,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("based_kernels::add_rms_norm_fwd", mutates_args=())
-def add_rms_norm_fwd(x: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                     out_dtype: torch.dtype, residual_dtype: torch.dtype
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_rms_norm_fwd(
+    x: torch.Tensor,
+    update: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [..., D] out_dtype, residual [..., D] residual_dtype (shape [0] without update), rstd [rows] fp32)."""
     x2 = _rows(x)
     rows, dim = x2.shape
@@ -93,8 +118,23 @@ def add_rms_norm_fwd(x: torch.Tensor, update: torch.Tensor | None, weight: torch
     r2 = residual.view(rows, dim) if has_update else y.view(rows, dim)
     if rows:
         block = next_pow2(dim)
-        _fwd_kernel[(rows,)](x2, u2, weight, y.view(rows, dim), r2, rstd, dim, eps, x2.stride(0), u2.stride(0),
-                             dim, dim, HAS_UPDATE=has_update, BLOCK=block, num_warps=_num_warps(block))
+        _rms_norm_fwd_kernel[(rows,)](
+            x2,
+            u2,
+            weight,
+            y.view(rows, dim),
+            r2,
+            rstd,
+            dim,
+            eps,
+            x2.stride(0),
+            u2.stride(0),
+            dim,
+            dim,
+            HAS_UPDATE=has_update,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
     return y, residual, rstd
 
 
@@ -106,9 +146,15 @@ def _(x, update, weight, eps, out_dtype, residual_dtype):
 
 
 @torch.library.custom_op("based_kernels::add_rms_norm_bwd", mutates_args=())
-def add_rms_norm_bwd(dy: torch.Tensor, dresidual: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
-                     rstd: torch.Tensor, dx_dtype: torch.dtype, du_dtype: torch.dtype | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_rms_norm_bwd(
+    dy: torch.Tensor,
+    dresidual: torch.Tensor | None,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dx_dtype: torch.dtype,
+    du_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [..., D] dx_dtype, d update [..., D] du_dtype (shape [0] when du_dtype is None), dweight [D]).
 
     `residual` is what was normed (the new stream, or x without update); dx = d update = the gradient of
@@ -125,10 +171,28 @@ def add_rms_norm_bwd(dy: torch.Tensor, dresidual: torch.Tensor | None, residual:
     du2 = du.view(rows, dim) if du_dtype is not None else dx.view(rows, dim)
     block = next_pow2(dim)
     if rows:
-        _bwd_kernel[(programs,)](r2, weight, rstd, dy2, dr2, dx.view(rows, dim), du2, dw_part, rows, dim,
-                                 rows_per_program, r2.stride(0), dy2.stride(0), dr2.stride(0), dim, dim,
-                                 HAS_DRES=dresidual is not None, HAS_DU=du_dtype is not None, BLOCK=block,
-                                 num_warps=_num_warps(block))
+        _rms_norm_bwd_kernel[(programs,)](
+            r2,
+            weight,
+            rstd,
+            dy2,
+            dr2,
+            dx.view(rows, dim),
+            du2,
+            dw_part,
+            rows,
+            dim,
+            rows_per_program,
+            r2.stride(0),
+            dy2.stride(0),
+            dr2.stride(0),
+            dim,
+            dim,
+            HAS_DRES=dresidual is not None,
+            HAS_DU=du_dtype is not None,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
     else:
         dw_part.zero_()
     return dx, du, dw_part.sum(0).to(weight.dtype)
@@ -155,8 +219,9 @@ def _backward(ctx, dy, dresidual, drstd):
     # the residual output is unused without update (shape [0]); with one, a None gradient means "not used"
     dres = dresidual if has_update and dresidual is not None else None
     separate_du = has_update and ctx.update_dtype != ctx.x_dtype
-    dx, du, dw = add_rms_norm_bwd(dy, dres, normed, weight, rstd, ctx.x_dtype,
-                                  ctx.update_dtype if separate_du else None)
+    dx, du, dw = add_rms_norm_bwd(
+        dy, dres, normed, weight, rstd, ctx.x_dtype, ctx.update_dtype if separate_du else None
+    )
     if not has_update:
         return dx, None, dw, None, None, None
     return dx, du if separate_du else dx, dw, None, None, None
@@ -165,8 +230,14 @@ def _backward(ctx, dy, dresidual, drstd):
 add_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def add_rms_norm_triton(x: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                        out_dtype: torch.dtype, residual_dtype: torch.dtype):
+def add_rms_norm_triton(
+    x: torch.Tensor,
+    update: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+):
     """y, or (y, residual) when `update` is given; see `kernels.fused_norm.add_rms_norm`."""
     y, residual, _ = add_rms_norm_fwd(x, update, weight, eps, out_dtype, residual_dtype)
     return y if update is None else (y, residual)

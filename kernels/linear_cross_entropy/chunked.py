@@ -52,8 +52,14 @@ def _row_stats(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, 
     return row_max + sums[0].log(), sums[0].reciprocal(), sums[1], col, here
 
 
-def _chunk_grads(exp_logits: torch.Tensor, inv_sum: torch.Tensor, col: torch.Tensor, here: torch.Tensor,
-                 scale: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+def _chunk_grads(
+    exp_logits: torch.Tensor,
+    inv_sum: torch.Tensor,
+    col: torch.Tensor,
+    here: torch.Tensor,
+    scale: torch.Tensor,
+    cdt: torch.dtype,
+) -> torch.Tensor:
     """d loss / d logits of one chunk in `cdt`: (softmax - one-hot) * scale per row ([c] fp32: valid / count)."""
     exp_logits.mul_((inv_sum * scale)[:, None])
     rows = torch.arange(col.shape[0], device=col.device)
@@ -65,8 +71,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """loss = mean over valid tokens of logsumexp(h W^T) - (h W^T)[label]; gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                chunk_size: int, cdt: torch.dtype, group, vocab_start: int, need_grad: bool) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int,
+        chunk_size: int,
+        cdt: torch.dtype,
+        group,
+        vocab_start: int,
+        need_grad: bool,
+    ) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(cdt), weight.to(cdt)
             valid = labels != ignore_index
@@ -97,11 +113,27 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None, None
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                                 ignore_index: int = -100, chunk_size: int = 4096, process_group=None,
-                                 vocab_start: int = 0) -> torch.Tensor:
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = 4096,
+    process_group=None,
+    vocab_start: int = 0,
+) -> torch.Tensor:
     """Mean cross-entropy of hidden [N, D] @ weight [V(_local), D].T at labels [N]; see the module docstring."""
     # gradients are computed during the forward, so only when a backward can follow (not under no_grad)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size, compute_dtype(hidden),
-                                           process_group, vocab_start, need_grad)
+    return ChunkedLinearCrossEntropy.apply(
+        hidden,
+        weight,
+        labels,
+        ignore_index,
+        chunk_size,
+        compute_dtype(hidden),
+        process_group,
+        vocab_start,
+        need_grad,
+    )

@@ -10,8 +10,9 @@ import torch
 from torch.nn import functional as F
 
 
-def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                   ignore_index: int = -100) -> torch.Tensor:
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """Mean cross-entropy of softmax(hidden @ weight.T) at `labels` (fp32 scalar)."""
     logits = F.linear(hidden, weight)
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)

@@ -11,7 +11,11 @@ from kernels.fused_norm.triton_impl import add_rms_norm_fwd
 CASES = [((1,), 8), ((2, 17), 48), ((3, 37), 100), ((2, 5), 1792)]
 F32, BF16 = torch.float32, torch.bfloat16
 # (x dtype, update dtype, out dtype, residual dtype); the first is the model's: fp32 stream, bf16 compute
-DTYPES = {"stream32-bf16": (F32, BF16, BF16, F32), "all32": (F32, F32, F32, F32), "allbf16": (BF16, BF16, BF16, BF16)}
+DTYPES = {
+    "stream32-bf16": (F32, BF16, BF16, F32),
+    "all32": (F32, F32, F32, F32),
+    "allbf16": (BF16, BF16, BF16, BF16),
+}
 
 
 def case_id(case) -> str:
@@ -56,8 +60,9 @@ def test_rms_norm_without_update_matches_float64(case, x_dt):
     assert y.dtype == BF16
     assert_close("y", y, y_ref, BF16)
     cot = torch.randn_like(y_ref)
-    for name, g, g_ref in zip(["dx", "dweight"], grads([y], [x, w], [cot]), grads([y_ref], [x64, w64], [cot]),
-                              strict=True):
+    for name, g, g_ref in zip(
+        ["dx", "dweight"], grads([y], [x, w], [cot]), grads([y_ref], [x64, w64], [cot]), strict=True
+    ):
         assert_close(name, g, g_ref, BF16)
 
 
