@@ -3,12 +3,19 @@
 in_proj: d -> 2*d_inner (x, z); x -> causal depthwise conv (d_conv, with bias) -> SiLU;
 x_proj -> (dt_low [dt_rank], B [N], C [N]); delta = softplus(dt_proj(dt_low)); A = -exp(A_log);
 h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t; y_t = C_t h_t + D x_t; out = out_proj(y * silu(z)).
-`backend: reference` is a plain PyTorch scan; `backend: mamba_ssm` calls mamba-ssm's fused CUDA kernels.
+`backend: reference` is a plain PyTorch scan; `backend: mamba_ssm` calls mamba-ssm's fused CUDA kernels:
+training and plain forwards on `mamba_inner_fn`, prefill (`return_state`) on `selective_scan_fn` with the last
+state, and decode steps (no gradients) on `selective_state_update`, updating the state in place. mamba-ssm's
+scan cannot reset at document starts nor start from a given state: on CUDA such a call with gradients (a
+training run with `data.reset_state_at_doc_boundaries`) raises instead of silently running the sequential
+scan (about 100x slower); without gradients (prefill of left-padded prompts) it runs the reference scan and
+warns once.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -60,8 +67,10 @@ class Mamba(nn.Module):
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, initial_state: dict | None = None,
                 return_state: bool = False):
         """x [B, T, D] -> [B, T, D] (and {"conv": [B, d_inner, d_conv], "ssm": [B, d_inner, N]})."""
-        if self.backend == "mamba_ssm" and doc_ids is None and initial_state is None and not return_state:
-            return self._forward_mamba_ssm(x)
+        if self.backend == "mamba_ssm":
+            if doc_ids is None and initial_state is None:
+                return self._prefill_mamba_ssm(x) if return_state else _mamba_inner(self, x)
+            self._check_scan_fallback(x, doc_ids, initial_state)
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         conv_init = None if initial_state is None else initial_state["conv"][..., 1:]
         xc = F.silu(causal_depthwise_conv(xs, self.conv1d.weight[:, 0], self.conv1d.bias, doc_ids, conv_init))
@@ -91,24 +100,63 @@ class Mamba(nn.Module):
             ys.append(torch.einsum("bdn,bn->bd", h, c[:, t]))
         return torch.stack(ys, dim=1), h
 
-    def _forward_mamba_ssm(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-        except ImportError as err:
-            raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm package (pip install mamba-ssm "
-                               "causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
-        xz = self.in_proj(x).transpose(1, 2)
-        out = mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                             self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()), None, None,
-                             self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return out
+    def _check_scan_fallback(self, x: torch.Tensor, doc_ids, initial_state) -> None:
+        """backend=mamba_ssm with document resets or an initial state runs the sequential reference scan:
+        an error on CUDA when gradients are on (training), one warning without them (prefill)."""
+        if not x.is_cuda:
+            return
+        what = "document resets (doc_ids)" if doc_ids is not None else "a parallel forward from a given state"
+        msg = (f"model.mamba.backend=mamba_ssm: mamba-ssm's fused scan has no {what}; the sequential reference "
+               "scan would run instead (about 100x slower on GPU)")
+        if torch.is_grad_enabled():
+            raise ValueError(f"{msg}. For training set data.reset_state_at_doc_boundaries=false (as the published "
+                             "Mamba runs), or model.mamba.backend=reference to accept the slow scan.")
+        warnings.warn(f"{msg}: running it for this forward (e.g. the prefill of left-padded prompts).", stacklevel=3)
+
+    def _prefill_mamba_ssm(self, x: torch.Tensor):
+        """Forward with the state after the last token, on mamba-ssm's scan (return_last_state)."""
+        selective_scan_fn = _mamba_ssm("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xc = F.silu(causal_depthwise_conv(xs, self.conv1d.weight[:, 0], self.conv1d.bias))
+        dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_low, self.dt_proj.weight)
+        # selective_scan_fn takes channels-first [B, Di, T] and B, C as [B, N, T]
+        y, last = selective_scan_fn(xc.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()),
+                                    b.transpose(1, 2), c.transpose(1, 2), self.D.float(), z=z.transpose(1, 2),
+                                    delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                                    return_last_state=True)
+        out = self.out_proj(y.transpose(1, 2).to(x.dtype))
+        return out, {"conv": conv_history(xs, self.d_conv), "ssm": last.float().contiguous()}
+
+    def _step_mamba_ssm(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
+        """One token on mamba-ssm's selective_state_update; state["conv"] and state["ssm"] change in place."""
+        update = _mamba_ssm("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
+        conv, h = state["conv"], state["ssm"]
+        if reset is not None:
+            conv.masked_fill_(reset.view(-1, 1, 1), 0.0)
+            h.masked_fill_(reset.view(-1, 1, 1), 0.0)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        conv.copy_(torch.roll(conv, shifts=-1, dims=-1))
+        conv[..., -1] = xs.to(conv.dtype)
+        xc = (conv * self.conv1d.weight[:, 0].to(conv.dtype)).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.to(xc.dtype)
+        xc = F.silu(xc).to(xs.dtype)
+        dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_low, self.dt_proj.weight)
+        y = update(h, xc, dt, -torch.exp(self.A_log.float()), b, c, D=self.D.float(), z=z,
+                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return self.out_proj(y.to(x.dtype)), {"conv": conv, "ssm": h}
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
         return {"conv": torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)}
 
     def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
-        """One token x [B, D] -> y [B, D]."""
+        """One token x [B, D] -> y [B, D]. backend=mamba_ssm on CUDA without gradients: mamba-ssm's
+        selective_state_update kernel, the state tensors updated in place and returned."""
+        if self.backend == "mamba_ssm" and x.is_cuda and not _records_grad(self, x, state["ssm"]):
+            return self._step_mamba_ssm(x, state, reset)
         conv, h = state["conv"], state["ssm"]
         if reset is not None:
             keep = (~reset).to(h.dtype)
@@ -125,3 +173,32 @@ class Mamba(nn.Module):
         y = torch.einsum("bdn,bn->bd", h, c) + xc.float() * self.D.float()
         y = y.to(x.dtype) * F.silu(z)
         return self.out_proj(y), {"conv": conv, "ssm": h}
+
+
+def _records_grad(module: nn.Module, x: torch.Tensor, state: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or state.requires_grad or any(p.requires_grad for p in module.parameters())
+
+
+def _mamba_ssm(module: str, name: str):
+    """`name` from a mamba-ssm module, or a RuntimeError that says how to install it."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm package (pip install mamba-ssm "
+                           "causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
+
+
+@torch.compiler.disable
+def _mamba_inner(mixer: Mamba, x: torch.Tensor) -> torch.Tensor:
+    """The whole mixer in mamba-ssm's fused `mamba_inner_fn` (in_proj output -> conv -> x_proj -> scan ->
+    out_proj). Hidden from torch.compile: its CUDA extension calls cannot be traced, so a compiled block
+    runs this one call eagerly and compiles the norms, residuals and MLP around it."""
+    mamba_inner_fn = _mamba_ssm("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn")
+    xz = mixer.in_proj(x).transpose(1, 2)
+    return mamba_inner_fn(xz, mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
+                          mixer.out_proj.weight, mixer.out_proj.bias, -torch.exp(mixer.A_log.float()), None, None,
+                          mixer.D.float(), delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True)
