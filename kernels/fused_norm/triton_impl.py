@@ -7,7 +7,7 @@ Backward (a fixed number of programs, each over a contiguous run of rows): recom
 residual and 1/rms, adds the gradient arriving on the residual stream, writes dx (and d update) and a
 per-program partial weight gradient that is summed on the host (as flash-attn's layer_norm does).
 
-Both directions are torch.library custom ops (`based_kernels::add_rms_norm_fwd` / `_bwd`) with fake
+Both directions are torch.library custom ops (`based::add_rms_norm_fwd` / `_bwd`) with fake
 implementations and autograd registered on the forward op, so torch.compile keeps them in its graph.
 """
 
@@ -98,7 +98,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-@torch.library.custom_op("based_kernels::add_rms_norm_fwd", mutates_args=())
+@torch.library.custom_op("based::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(
     x: torch.Tensor,
     update: torch.Tensor | None,
@@ -145,7 +145,7 @@ def _(x, update, weight, eps, out_dtype, residual_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), residual, x.new_empty((rows,), dtype=torch.float32)
 
 
-@torch.library.custom_op("based_kernels::add_rms_norm_bwd", mutates_args=())
+@torch.library.custom_op("based::add_rms_norm_bwd", mutates_args=())
 def add_rms_norm_bwd(
     dy: torch.Tensor,
     dresidual: torch.Tensor | None,

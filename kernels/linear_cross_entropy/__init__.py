@@ -60,12 +60,14 @@ def linear_cross_entropy(
     backend: str = "chunked",
     process_group=None,
     vocab_start: int = 0,
+    rows_impl: str = "auto",
 ) -> torch.Tensor:
     """Mean token cross-entropy (fp32 scalar) of the logits hidden @ weight.T, differentiable in both.
 
     Rows whose label is `ignore_index` are left out of the sum and the count. The matmuls run in autocast's
     dtype when autocast is on (as `nn.Linear`), else in hidden's dtype; softmax statistics are fp32.
     `process_group` / `vocab_start`: vocab-parallel ("chunked" only), see kernels/linear_cross_entropy/chunked.py.
+    `rows_impl` ("chunked"): the per-row softmax work in Triton kernels or PyTorch ops (auto: Triton on CUDA).
     """
     _check(hidden, weight, labels, chunk_size)
     if backend not in BACKENDS:
@@ -86,4 +88,5 @@ def linear_cross_entropy(
         chunk_size=chunk_size,
         process_group=process_group,
         vocab_start=vocab_start,
+        rows_impl=rows_impl,
     )

@@ -6,7 +6,9 @@ right away (liger-kernel's FusedLinearCrossEntropy schedule): softmax - one-hot,
 times the weight (d hidden) and accumulated in fp32 against the hidden chunk (d weight). Backward only scales
 the stored gradients by the incoming scalar. Three matmuls per chunk, as the plain forward + backward; the
 alternative (recompute the logits in backward) costs a fourth matmul of the head for nothing here, because a
-training step always runs backward after forward.
+training step always runs backward after forward. The per-row softmax work runs in two Triton kernels over the
+chunk's logits in the compute dtype (triton_impl.py; the gradient overwrites the logits), or in PyTorch ops on
+an fp32 copy where Triton cannot run.
 
 Vocab-parallel (`process_group`): `weight` is this rank's rows [V/P, D] starting at `vocab_start`, `hidden`
 the whole (replicated) [N, D]. Per chunk the max is all-reduced (MAX), then the sum of exponentials and the
@@ -15,6 +17,9 @@ target logit (SUM, one call); every rank returns the same loss, and its d hidden
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.distributed as dist
@@ -67,6 +72,38 @@ def _chunk_grads(
     return exp_logits.to(cdt)
 
 
+def _chunk_torch(logits, labels, valid, scale, vocab_start: int, group, need_grad: bool, ignore_index: int):
+    """(loss sum of the chunk, d loss / d logits [c, V] in logits' dtype or None) in PyTorch ops."""
+    probs = logits.float()
+    lse, inv_sum, target, col, here = _row_stats(probs, labels, valid, vocab_start, group)
+    loss = ((lse - target) * valid).sum()
+    return loss, _chunk_grads(probs, inv_sum, col, here, scale, logits.dtype) if need_grad else None
+
+
+def _chunk_triton(logits, labels, valid, scale, vocab_start: int, group, need_grad: bool, ignore_index: int):
+    """The same with the Triton row kernels; the gradient overwrites `logits` in place."""
+    from .triton_impl import ce_grad_, ce_row_stats
+
+    row_max, sums, target = ce_row_stats(logits, labels, vocab_start, ignore_index)
+    if group is not None:
+        global_max = row_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        stacked = torch.stack([sums * torch.exp(row_max - global_max), target])
+        dist.all_reduce(stacked, group=group)
+        row_max, (sums, target) = global_max, stacked
+    lse = row_max + sums.log()
+    loss = ((lse - target) * valid).sum()
+    return loss, ce_grad_(logits, labels, lse, scale, vocab_start) if need_grad else None
+
+
+def _rows_impl(choice: str, t: torch.Tensor) -> str:
+    """auto: the Triton row kernels on CUDA (and under the Triton CPU interpreter), PyTorch ops otherwise."""
+    if choice != "auto":
+        return choice
+    triton_ok = importlib.util.find_spec("triton") is not None
+    return "triton" if triton_ok and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") else "torch"
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """loss = mean over valid tokens of logsumexp(h W^T) - (h W^T)[label]; gradients computed in forward."""
 
@@ -82,9 +119,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         group,
         vocab_start: int,
         need_grad: bool,
+        rows_impl: str,
     ) -> torch.Tensor:
+        chunk_fn = _chunk_triton if rows_impl == "triton" else _chunk_torch
         with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(cdt), weight.to(cdt)
+            h, w, labels = hidden.to(cdt), weight.to(cdt), labels.contiguous()
             valid = labels != ignore_index
             count = valid.sum().float()
             loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -93,14 +132,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 h_c, valid_c = h[rows], valid[rows]
-                probs = (h_c @ w.t()).float()
-                lse, inv_sum, target, col, here = _row_stats(probs, labels[rows], valid_c, vocab_start, group)
-                loss_sum += ((lse - target) * valid_c).sum()
+                loss_c, grad = chunk_fn(
+                    h_c @ w.t(),
+                    labels[rows],
+                    valid_c,
+                    valid_c / count,
+                    vocab_start,
+                    group,
+                    need_grad,
+                    ignore_index,
+                )
+                loss_sum += loss_c
                 if need_grad:
-                    grad = _chunk_grads(probs, inv_sum, col, here, valid_c / count, cdt)
-                    del probs
                     dh[rows] = grad @ w
                     _accumulate_fp32(dw, grad.t(), h_c)
+                    del grad
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return loss_sum / count
@@ -110,7 +156,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = dh * grad_loss.to(dh.dtype) if ctx.needs_input_grad[0] else None
         dw = (dw * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -122,8 +168,14 @@ def chunked_linear_cross_entropy(
     chunk_size: int = 4096,
     process_group=None,
     vocab_start: int = 0,
+    rows_impl: str = "auto",
 ) -> torch.Tensor:
-    """Mean cross-entropy of hidden [N, D] @ weight [V(_local), D].T at labels [N]; see the module docstring."""
+    """Mean cross-entropy of hidden [N, D] @ weight [V(_local), D].T at labels [N]; see the module docstring.
+
+    rows_impl: "triton" (row kernels of triton_impl.py), "torch" (PyTorch ops), "auto" (`_rows_impl`).
+    """
+    if rows_impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"linear_cross_entropy: rows_impl={rows_impl!r}; expected auto, triton or torch")
     # gradients are computed during the forward, so only when a backward can follow (not under no_grad)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedLinearCrossEntropy.apply(
@@ -136,4 +188,5 @@ def chunked_linear_cross_entropy(
         process_group,
         vocab_start,
         need_grad,
+        _rows_impl(rows_impl, hidden),
     )

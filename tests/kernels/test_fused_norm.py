@@ -95,3 +95,36 @@ def test_bad_input_is_a_clear_error():
         add_rms_norm(x, torch.randn(4, 8), torch.ones(16), eps=1e-5, backend="reference")
     with pytest.raises(ValueError, match="backend="):
         add_rms_norm(x, None, torch.ones(16), eps=1e-5, backend="cuda")
+
+
+def test_compiled_model_keeps_the_fused_norm_as_one_op_and_matches_eager():
+    """fullgraph torch.compile of a tiny model with norm_backend=triton: no graph break, the graph holds
+    based::add_rms_norm_fwd (with and without the residual add), and forward and gradients equal eager's."""
+    import dataclasses
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from based_layers import build_model
+    from based_layers.config import ModelConfig
+
+    cfg = ModelConfig(
+        d_model=32, n_layer=1, vocab_size=40, default_mixer="attention", mlp_hidden=48, norm_backend="triton"
+    )
+    torch.manual_seed(0)
+    eager, compiled = build_model(cfg).to(DEVICE), build_model(dataclasses.replace(cfg)).to(DEVICE)
+    compiled.load_state_dict(eager.state_dict())
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    fn = torch.compile(compiled, backend=counter, fullgraph=True)
+    ids = torch.randint(0, 40, (2, 11), device=DEVICE)
+    outs = []
+    for model, call in ((eager, eager), (compiled, fn)):
+        logits = call(ids)
+        logits.square().mean().backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert len(counter.graphs) == 1
+    calls = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("based.add_rms_norm_fwd" in t for t in calls) == 2 * cfg.n_layer + 1, calls
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -7,8 +7,16 @@ from kernel_checks import DEVICE, assert_close
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 F32, BF16 = torch.float32, torch.bfloat16
-# (tokens N, D, vocab V, chunk): odd token counts, a chunk of one token, chunks that do not divide N, one chunk
-CASES = [(1, 8, 24, 4), (37, 24, 101, 1), (37, 24, 101, 5), (100, 40, 250, 32), (100, 40, 250, 4096)]
+# (tokens N, D, vocab V, chunk): odd token counts, a chunk of one token, chunks that do not divide N, one chunk,
+# a vocabulary over several blocks of the row kernels (8192)
+CASES = [
+    (1, 8, 24, 4),
+    (37, 24, 101, 1),
+    (37, 24, 101, 5),
+    (100, 40, 250, 32),
+    (100, 40, 250, 4096),
+    (5, 8, 20000, 2),
+]
 
 
 def case_id(case) -> str:
@@ -32,13 +40,16 @@ def _loss_and_grads(fn, hidden, weight, labels, **kw):
     return (loss, *torch.autograd.grad(loss * 3.0, (hidden, weight)))
 
 
+@pytest.mark.parametrize("rows_impl", ["triton", "torch"])
 @pytest.mark.parametrize("ignored", [0, 3], ids=["all-valid", "ignore-index"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_chunked_matches_float64(case, dtype, ignored):
+def test_chunked_matches_float64(case, dtype, ignored, rows_impl):
     n, d, v, chunk = case
     (h, w), (h64, w64), labels = _inputs(n, d, v, dtype, min(ignored, n - 1))
-    got = _loss_and_grads(linear_cross_entropy, h, w, labels, chunk_size=chunk, backend="chunked")
+    got = _loss_and_grads(
+        linear_cross_entropy, h, w, labels, chunk_size=chunk, backend="chunked", rows_impl=rows_impl
+    )
     want = _loss_and_grads(linear_cross_entropy_reference, h64, w64, labels)
     assert got[0].dtype == F32
     for name, g, g_ref, leaf in zip(["loss", "dhidden", "dweight"], got, want, [None, h, w], strict=True):
@@ -47,11 +58,12 @@ def test_chunked_matches_float64(case, dtype, ignored):
         assert_close(name, g.reshape(-1), g_ref.reshape(-1), dtype)
 
 
-def test_chunked_equals_plain_under_autocast():
+@pytest.mark.parametrize("rows_impl", ["triton", "torch"])
+def test_chunked_equals_plain_under_autocast(rows_impl):
     """Under bf16 autocast both run the matmuls in bf16 on fp32 leaves; they agree to bf16 rounding."""
     (h, w), _, labels = _inputs(50, 32, 120, F32, ignored=2)
     with torch.autocast(DEVICE, dtype=BF16):
-        got = _loss_and_grads(linear_cross_entropy, h, w, labels, chunk_size=16)
+        got = _loss_and_grads(linear_cross_entropy, h, w, labels, chunk_size=16, rows_impl=rows_impl)
         want = _loss_and_grads(linear_cross_entropy, h, w, labels, backend="reference")
     for name, g, g_ref in zip(["loss", "dhidden", "dweight"], got, want, strict=True):
         assert g.dtype == g_ref.dtype == F32, name
