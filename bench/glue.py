@@ -78,11 +78,11 @@ def norm_rows(n: int, d: int, warmup: int, iters: int, bandwidth: float) -> list
     u = torch.randn(n, d, device="cuda", dtype=BF16, requires_grad=True)
     w = (torch.rand(d, device="cuda") + 0.5).requires_grad_()
     eps = 1e-5
-    plain = lambda: list(add_rms_norm_reference(x, u, w, eps, BF16, F32))  # noqa: E731
+    plain = lambda: list(add_rms_norm_reference(x, u, w, eps=eps, out_dtype=BF16, residual_dtype=F32))  # noqa: E731
     compiled_fn = torch.compile(add_rms_norm_reference)
     impls = {
         "ours (triton)": lambda: list(add_rms_norm(x, u, w, eps=eps, out_dtype=BF16, residual_dtype=F32)),
-        "torch.compile": lambda: list(compiled_fn(x, u, w, eps, BF16, F32)),
+        "torch.compile": lambda: list(compiled_fn(x, u, w, eps=eps, out_dtype=BF16, residual_dtype=F32)),
         "eager": plain,
     }
     liger_cls, why = _liger("LigerFusedAddRMSNorm")

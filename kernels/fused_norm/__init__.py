@@ -55,9 +55,9 @@ def add_rms_norm(
     residual_dtype = residual_dtype or x.dtype
     check_backend(_OP, backend, x)
     if backend == "reference":
-        if update is None:
-            return rms_norm_reference(x, weight, eps, out_dtype)
-        return add_rms_norm_reference(x, update, weight, eps, out_dtype, residual_dtype)
+        return add_rms_norm_reference(
+            x, update, weight, eps=eps, out_dtype=out_dtype, residual_dtype=residual_dtype
+        )
     dtypes = {x.dtype, weight.dtype, out_dtype, residual_dtype} | (
         {update.dtype} if update is not None else set()
     )

@@ -26,12 +26,18 @@ def rms_norm_reference(
 
 def add_rms_norm_reference(
     x: torch.Tensor,
-    update: torch.Tensor,
+    update: torch.Tensor | None,
     weight: torch.Tensor,
+    *,
     eps: float,
-    out_dtype: torch.dtype,
-    residual_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, residual): residual = x + update in `residual_dtype` (the new residual stream), y = its RMSNorm."""
+    out_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+):
+    """`kernels.fused_norm.add_rms_norm` in plain PyTorch (same arguments but `backend`): y when `update` is None,
+    else (y, residual) with residual = x + update in `residual_dtype` (the new residual stream)."""
+    out_dtype = out_dtype or weight.dtype
+    if update is None:
+        return rms_norm_reference(x, weight, eps, out_dtype)
+    residual_dtype = residual_dtype or x.dtype
     residual = x.to(residual_dtype) + update.to(residual_dtype)
     return rms_norm_reference(residual, weight, eps, out_dtype), residual

@@ -77,7 +77,7 @@ def linear_cross_entropy(
             f"{_OP}: vocab-parallel (process_group) runs with backend='chunked' only, not {backend!r}"
         )
     if backend == "reference":
-        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index)
+        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index=ignore_index)
     if backend == "liger":
         return _liger(hidden, weight, labels, ignore_index)
     return chunked_linear_cross_entropy(

@@ -36,7 +36,9 @@ def test_add_rms_norm_forward_and_gradients_match_float64(case, dtypes):
     (u,), (u64,) = leaves([torch.randn(*lead, dim, device=DEVICE)], u_dt)
     (w,), (w64,) = leaves([torch.rand(dim, device=DEVICE) + 0.5], F32)
     y, res = add_rms_norm(x, u, w, eps=1e-5, out_dtype=out_dt, residual_dtype=res_dt, backend="triton")
-    y_ref, res_ref = add_rms_norm_reference(x64, u64, w64, 1e-5, torch.float64, torch.float64)
+    y_ref, res_ref = add_rms_norm_reference(
+        x64, u64, w64, eps=1e-5, out_dtype=torch.float64, residual_dtype=torch.float64
+    )
     assert (y.dtype, res.dtype) == (out_dt, res_dt)
     bound = _bound_dtype(out_dt, res_dt)
     assert_close("y", y, y_ref, bound)
