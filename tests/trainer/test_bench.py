@@ -108,6 +108,8 @@ KERNELS = {
     "at::native::(anonymous namespace)::LogSoftMaxForwardEpilogue>": "loss",
     "void at::native::(anonymous namespace)::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>": "loss",
     "liger_cross_entropy_kernel": "loss",
+    "_ce_stats_kernel": "loss",
+    "_ce_grad_kernel": "loss",
     "some_unknown_kernel_name": "other",
 }
 
