@@ -15,6 +15,8 @@ from torch import nn
 
 MIXER_NAMES = ("base_conv", "linear_attn", "sliding_window", "attention", "mamba")
 BACKENDS = ("auto", "reference", "triton")
+# "auto" = the fused chunked loss on CUDA, the plain fp32-logits loss elsewhere
+LOSS_IMPLS = ("auto", "plain", "fused_chunked", "liger")
 
 
 def resolve_backend(choice: str, x) -> str:
@@ -106,6 +108,11 @@ class ModelConfig:
     published code computed but never used, sqrt(2 / (5 d_model)), with the same rescale.
     `decay_buffer: true` adds the published based-1b buffer `transformer.decay.decay`, which changes
     no output (kept only so that checkpoints match key for key).
+    `norm_backend` runs the RMSNorms (with the residual add before norm2) in plain PyTorch or the fused Triton
+    kernel (auto: Triton on CUDA). `loss_impl` picks how the training loss is computed from the last hidden
+    states: `plain` materialises fp32 logits [tokens, vocab]; `fused_chunked` (kernels/linear_cross_entropy)
+    runs head + cross-entropy over `loss_chunk_size` tokens at a time and never holds all logits; `liger` is
+    liger-kernel's LigerFusedLinearCrossEntropyLoss (optional package); auto: fused_chunked on CUDA.
     """
 
     family: str = "based"
@@ -119,6 +126,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
+    norm_backend: str = "auto"
+    loss_impl: str = "auto"
+    loss_chunk_size: int = 4096
     init_scheme: str = "published"
     init_std: float = 0.02
     decay_buffer: bool = False
@@ -166,6 +176,12 @@ class ModelConfig:
             backend = getattr(self, sub).backend
             if backend not in BACKENDS:
                 errors.append(f"model.{sub}.backend: {backend!r}; expected one of {BACKENDS}")
+        if self.norm_backend not in BACKENDS:
+            errors.append(f"model.norm_backend: {self.norm_backend!r}; expected one of {BACKENDS}")
+        if self.loss_impl not in LOSS_IMPLS:
+            errors.append(f"model.loss_impl: {self.loss_impl!r}; expected one of {LOSS_IMPLS}")
+        if self.loss_chunk_size < 1:
+            errors.append(f"model.loss_chunk_size: {self.loss_chunk_size}; expected a positive number of tokens")
         if self.mamba.backend not in ("reference", "mamba_ssm"):
             errors.append(f"model.mamba.backend: {self.mamba.backend!r}; expected 'reference' or 'mamba_ssm'")
         return errors

@@ -14,6 +14,7 @@ from torch import nn
 
 from based_layers.block import Block
 from based_layers.config import ModelConfig
+from based_layers.loss import LinearCrossEntropy
 from based_layers.mixers import MIXER_CLASSES
 from based_layers.norm import RMSNorm
 
@@ -43,14 +44,16 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleDict()
         for i, name in enumerate(cfg.layer_mixers()):
             mixer = MIXER_CLASSES[name](cfg.d_model, getattr(cfg, name), i)
-            self.layers[str(i)] = Block(cfg.d_model, mixer, cfg.mlp_hidden, cfg.norm_eps, cfg.residual_in_fp32)
-        self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.layers[str(i)] = Block(cfg.d_model, mixer, cfg.mlp_hidden, cfg.norm_eps, cfg.residual_in_fp32,
+                                        cfg.norm_backend)
+        self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_backend)
         if cfg.decay_buffer:
             self.decay = DecayBuffer(cfg.linear_attn.num_heads)
 
 
 class LanguageModel(nn.Module):
-    """forward(input_ids [B, T], doc_ids [B, T] | None) -> logits [B, T, V_padded].
+    """forward(input_ids [B, T], doc_ids [B, T] | None) -> logits [B, T, V_padded];
+    forward(..., labels=[B, T]) -> the mean cross-entropy, by `cfg.loss_impl` (`loss_head`), without logits.
 
     Pipeline stages may drop `transformer.embeddings` (the input is then hidden states [B, T, D]) or
     `transformer.ln_f`/`lm_head` (the output is then hidden states).
@@ -64,15 +67,21 @@ class LanguageModel(nn.Module):
         self.cfg = cfg
         self.transformer = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.loss_head = LinearCrossEntropy(cfg.loss_impl, cfg.loss_chunk_size)
         init_weights(self, cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.transformer.embeddings(input_ids) if self.transformer.embeddings is not None else input_ids
         for block in self.transformer.layers.values():
             h = block(h, doc_ids=doc_ids)
-        return self._head(h)
+        if labels is None:
+            return self._head(h)
+        if self.lm_head is None or self.transformer.ln_f is None:
+            raise ValueError("forward(labels=...) needs the final norm and the head (the last pipeline stage)")
+        return self.loss_head(self.transformer.ln_f(h), self.lm_head.weight, labels)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self.transformer.ln_f is not None:

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn import functional as F
 
+from based_layers.loss import resolve_loss_impl
 from based_layers.model import LanguageModel
 from pretrain.config import ConfigError, Derived, TrainConfig
 from pretrain.distributed import DistInfo
@@ -88,6 +89,9 @@ def layout_problems(cfg: TrainConfig, world_size: int, grad_accum: int | None = 
                  f"set model.pad_vocab_size_multiple to a multiple of {tp}")
         _divides(problems, "data.seq_len (sequence parallelism splits the sequence)", cfg.data.seq_len, tp,
                  "choose a sequence length divisible by tp")
+        if model.loss_impl == "liger":
+            problems.append("model.loss_impl=liger has no vocab-parallel form; with parallel.tp > 1 use "
+                            "model.loss_impl=fused_chunked (or auto, or plain)")
     problems += _pipeline_problems(cfg, grad_accum)
     return problems
 
@@ -251,8 +255,24 @@ class ParallelModel(nn.Module):
             raise RuntimeError("a pipeline-parallel model runs through loss() and forward_backward(), not forward()")
         return self.module(input_ids, doc_ids=doc_ids)
 
+    def _fused_loss(self) -> bool:
+        """Whether the model computes its loss from hidden states (`model.loss_impl`, resolved for the device).
+
+        Pipeline-parallel runs keep the plain loss on the last stage's logits (the schedule owns the loss call).
+        """
+        return self.pipeline is None and resolve_loss_impl(self.module.cfg.loss_impl, self.device) != "plain"
+
     def _loss_context(self):
-        return loss_parallel() if self.layout.tp > 1 else contextlib.nullcontext()
+        return loss_parallel() if self.layout.tp > 1 and not self._fused_loss() else contextlib.nullcontext()
+
+    def _forward(self, batch: Batch, autocast: Callable) -> torch.Tensor:
+        """The mean loss of `batch` (fused loss) or its logits (plain: finished by `_finish_loss`)."""
+        labels = batch["labels"] if self._fused_loss() else None
+        with autocast():
+            return self.module(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=labels)
+
+    def _finish_loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return out if self._fused_loss() else cross_entropy(out, batch["labels"])
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = cross_entropy(logits, labels)
@@ -268,10 +288,9 @@ class ParallelModel(nn.Module):
                 mean = self.pipeline.run(self.pipeline.eval_schedule(batch["input_ids"].shape), batch, train=False)
             self._reshard()
             return mean
-        with autocast():
-            logits = self.module(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+        out = self._forward(batch, autocast)
         with self._loss_context():
-            return _plain(cross_entropy(logits, batch["labels"]))
+            return _plain(self._finish_loss(out, batch))
 
     def forward_backward(self, batches: list[Batch], autocast: Callable = contextlib.nullcontext,
                          poison: bool = False) -> torch.Tensor:
@@ -287,10 +306,9 @@ class ParallelModel(nn.Module):
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             self._set_gradient_sync(i == len(batches) - 1)
-            with autocast():
-                logits = self.module(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+            out = self._forward(batch, autocast)
             with self._loss_context():
-                loss = cross_entropy(logits, batch["labels"]) / len(batches)
+                loss = self._finish_loss(out, batch) / len(batches)
                 if poison and i == 0:
                     loss = loss * float("nan")
                 loss.backward()

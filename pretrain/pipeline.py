@@ -25,6 +25,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from based_layers.config import ModelConfig
+from based_layers.loss import LinearCrossEntropy
 from based_layers.model import Backbone, LanguageModel
 from pretrain.flops import mixer_flops
 
@@ -97,6 +98,7 @@ def assemble(cfg: ModelConfig, embeddings: nn.Module | None, layers: dict[str, n
         backbone.decay = decay
     part.transformer = backbone
     part.lm_head = lm_head
+    part.loss_head = LinearCrossEntropy(cfg.loss_impl, cfg.loss_chunk_size)
     return part
 
 

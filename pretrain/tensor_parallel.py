@@ -9,7 +9,10 @@ Layout on the `tp` mesh dimension (size P):
   head count from shapes); output projections are row-parallel and reduce-scatter back to the sequence shard;
 - BaseConv's and Mamba's per-channel parameters (conv taps, conv bias, dt_proj, A_log, D) are split by channel
   (`LocalShards`); Mamba's x_proj, a reduction over channels, is row-parallel with an all-reduced output;
-- the head is column-parallel over the vocabulary and the loss runs on the vocabulary shards (`loss_parallel`).
+- the head is column-parallel over the vocabulary and the loss runs on the vocabulary shards: `loss_parallel`
+  over DTensor logits (`model.loss_impl: plain`), or the chunked fused head + loss on this rank's vocabulary
+  rows with the softmax statistics all-reduced (`VocabParallelLinearCrossEntropy`, `fused_chunked`);
+- the RMSNorms run in plain PyTorch on DTensors (`SequenceParallel`): the fused norm kernel is not used.
 
 Fused projections hold several row blocks in one Linear (Wqkv [Q|K|V], fc1 [value|gate], in_proj [u1|u2] or
 [x|z]). Each rank needs its slice of every block, so before sharding the rows are reordered into the
@@ -37,7 +40,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from based_layers.loss import IGNORE_INDEX
 from based_layers.mixers import BaseConv, CausalSelfAttention, LinearAttention, Mamba, SlidingWindowAttention
+from kernels.linear_cross_entropy import linear_cross_entropy
 
 # name of the attribute of the (unwrapped) model: {parameter name: (number of row blocks, tp size)}
 FUSED_ROWS_ATTR = "tp_fused_rows"
@@ -164,7 +169,41 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> dict[str, tu
         if local:
             parallelize_module(block.mixer, tp_mesh, LocalShards(local), src_data_rank=None)
     _parallelize_ends(model, tp_mesh)
+    _plain_norms(model)
     return fused_rows
+
+
+class VocabParallelLinearCrossEntropy(nn.Module):
+    """The chunked head + cross-entropy on this rank's vocabulary rows (replaces the model's `loss_head`).
+
+    hidden: the final norm's output, a DTensor sharded on the sequence (Shard(1)); it is all-gathered, and
+    its gradient, a partial sum over the vocabulary shards, is reduce-scattered back (declared Partial).
+    weight: the head, a DTensor Shard(0) over the vocabulary. Every rank returns the same mean loss.
+    """
+
+    def __init__(self, tp_mesh: DeviceMesh, chunk_size: int) -> None:
+        super().__init__()
+        self.tp_mesh = tp_mesh
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: torch.Tensor, weight: DTensor, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(hidden, DTensor):
+            hidden = DTensor.from_local(hidden, self.tp_mesh, [Shard(1)], run_check=False)
+        h = hidden.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+        w = weight.to_local()
+        vocab_start = self.tp_mesh.get_local_rank() * w.shape[0]
+        return linear_cross_entropy(h.flatten(0, 1), w, labels.flatten(), ignore_index=IGNORE_INDEX,
+                                    chunk_size=self.chunk_size, backend="chunked",
+                                    process_group=self.tp_mesh.get_group(), vocab_start=vocab_start)
+
+
+def _plain_norms(model: nn.Module) -> None:
+    """Norms under sequence parallelism see DTensors, which the fused norm kernel does not take."""
+    from based_layers.norm import RMSNorm
+
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.backend = "reference"
 
 
 def _parallelize_ends(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -183,6 +222,8 @@ def _parallelize_ends(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     if tied:
         # both styles shard the [V, D] matrix by vocabulary rows (Shard(0)), so one DTensor serves both
         model.lm_head.weight = backbone.embeddings.word_embeddings.weight
+    if model.lm_head is not None:
+        model.loss_head = VocabParallelLinearCrossEntropy(tp_mesh, model.cfg.loss_chunk_size)
 
 
 def _published_order_view(value: DTensor, chunks: int, tp: int) -> DTensor:

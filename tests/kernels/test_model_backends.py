@@ -51,3 +51,50 @@ def test_triton_backend_is_what_runs(monkeypatch):
     model(torch.randint(0, 50, (1, 9)))
     assert sorted(set(calls)) == ["short_conv_gated_triton", "sliding_window_attention_triton",
                                   "taylor_linear_attention_triton"]
+
+
+def _loss_and_grads(model, ids, labels, fused_loss: bool):
+    if fused_loss:
+        loss = model(ids, labels=labels)
+    else:
+        loss = torch.nn.functional.cross_entropy(model(ids).float().flatten(0, 1), labels.flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _compare(got, want, rtol: float) -> None:
+    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=0)
+    assert sorted(got[1]) == sorted(want[1])
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=rtol, atol=1e-7, msg=name)
+
+
+def test_fused_norm_in_a_model_matches_the_plain_norm(monkeypatch):
+    """norm_backend=triton (fused add + RMSNorm in every block and ln_f) == the plain blocks, float32."""
+    import kernels.fused_norm.triton_impl as norm_impl
+
+    calls = []
+    original = norm_impl.add_rms_norm_triton
+    monkeypatch.setattr(norm_impl, "add_rms_norm_triton", lambda *a: calls.append(a[1] is not None) or original(*a))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    plain = build_model(dataclasses.replace(_config("reference"), norm_backend="reference")).to(device)
+    fused = build_model(dataclasses.replace(_config("reference"), norm_backend="triton")).to(device)
+    fused.load_state_dict(plain.state_dict())
+    ids, labels = torch.randint(0, 50, (2, 19), device=device), torch.randint(0, 50, (2, 19), device=device)
+    want = _loss_and_grads(plain, ids, labels, fused_loss=False)
+    got = _loss_and_grads(fused, ids, labels, fused_loss=False)
+    _compare(got, want, rtol=2e-5)
+    # per block: norm1 alone and the add fused into norm2; then ln_f
+    assert calls == [False, True] * 3 + [False]
+
+
+def test_fused_loss_in_a_model_matches_the_plain_loss():
+    """loss_impl=fused_chunked (chunks of 5 tokens over 2 x 19) == fp32 logits + F.cross_entropy, float32."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(_config("reference"), norm_backend="reference")
+    plain = build_model(cfg)
+    fused = build_model(dataclasses.replace(cfg, loss_impl="fused_chunked", loss_chunk_size=5))
+    fused.load_state_dict(plain.state_dict())
+    ids, labels = torch.randint(0, 50, (2, 19)), torch.randint(0, 50, (2, 19))
+    _compare(_loss_and_grads(fused, ids, labels, fused_loss=True), _loss_and_grads(plain, ids, labels, False), 2e-5)

@@ -49,3 +49,14 @@ def test_eight_process_pp2_dp2_tp2(tmp_path):
     from tests.parallel.harness import launch
 
     _check(launch("layouts", 8, tmp_path / "report.json", "based"), _expected(8, "based"))
+
+
+@pytest.mark.dist
+def test_two_process_fused_loss(tmp_path):
+    """model.loss_impl=fused_chunked under tp2 (the vocab-parallel chunked loss) and FSDP dp2 == one process
+    with the plain loss: loss, grad norm and every gradient at the float32 tolerances."""
+    from tests.parallel.harness import launch
+    from tests.parallel.worker import FUSED_LOSS_LAYOUTS
+
+    report = launch("fused_loss", 2, tmp_path / "report.json", "based,attn")
+    _check(report, [f"{name}/{family}" for name, _ in FUSED_LOSS_LAYOUTS for family in ("based", "attn")])

@@ -6,6 +6,7 @@ and os._exit (gloo can abort in interpreter teardown otherwise: shared/reference
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -44,12 +45,18 @@ def _max_over_ranks(value: float) -> float:
     return float(t)
 
 
-def check_layout(family: str, layout: dict) -> dict:
-    """Train STEPS steps under `layout` and against one process: loss, grad norm and every gradient."""
+def check_layout(family: str, layout: dict, model_overrides: dict | None = None) -> dict:
+    """Train STEPS steps under `layout` and against one process: loss, grad norm and every gradient.
+
+    `model_overrides` change the model config of the parallel run only; the reference keeps the plain loss.
+    """
     world = dist.get_world_size()
     cfg = harness.train_config(family, **layout)
     dp = layout.get("dp", 1)
-    ref_losses, ref_norms, ref_grads = harness.reference(cfg, STEPS)
+    ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_impl="plain"))
+    ref_losses, ref_norms, ref_grads = harness.reference(ref_cfg if model_overrides else cfg, STEPS)
+    if model_overrides:
+        cfg.model = dataclasses.replace(cfg.model, **model_overrides)
     model, opt = harness.build(cfg)
     losses, norms = [], []
     for step in range(STEPS):
@@ -83,6 +90,21 @@ def scenario_layouts(out: str, families: str) -> dict:
     return report
 
 
+# the chunked fused loss (chunks of 5 tokens: they do not divide the 2 x 16 tokens of a micro-batch)
+FUSED_LOSS = {"loss_impl": "fused_chunked", "loss_chunk_size": 5}
+FUSED_LOSS_LAYOUTS = [("tp2", dict(tp=2)), ("fsdp2", dict(dp=2, fsdp=True))]
+
+
+def scenario_fused_loss(out: str, families: str) -> dict:
+    """The fused loss under tp2 (vocab-parallel: softmax statistics all-reduced) and FSDP dp2, against one
+    process with the plain fp32-logits loss."""
+    report = {}
+    for name, layout in FUSED_LOSS_LAYOUTS:
+        for family in families.split(","):
+            report[f"{name}/{family}"] = check_layout(family, layout, FUSED_LOSS)
+    return report
+
+
 # (layout, micro-batches per rank and step): the same global batch of RESHARD_MICRO micro-batches in each
 RESHARD_MICRO = 4
 RESHARD_SAVED = dict(tp=2, pp=2, schedule="1f1b", accum=RESHARD_MICRO)
@@ -108,7 +130,7 @@ def scenario_reshard(out: str, root: str, family: str = "based") -> dict:
     return {"saved": saved, "loaded": loaded}
 
 
-SCENARIOS = {"layouts": scenario_layouts, "reshard": scenario_reshard}
+SCENARIOS = {"layouts": scenario_layouts, "reshard": scenario_reshard, "fused_loss": scenario_fused_loss}
 
 
 def main() -> int:
