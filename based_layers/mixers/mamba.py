@@ -72,7 +72,8 @@ class Mamba(nn.Module):
         out = self.out_proj(y)
         if not return_state:
             return out
-        return out, {"conv": conv_history(xs, self.d_conv, doc_ids, conv_init), "ssm": h}
+        # contiguous: a compact buffer for the mamba-ssm step kernels to update in place
+        return out, {"conv": conv_history(xs, self.d_conv, doc_ids, conv_init).contiguous(), "ssm": h}
 
     def _scan(self, u, delta, b, c, doc_ids, h0):
         """Sequential selective scan in fp32. u, delta [B, T, Di]; b, c [B, T, N]; returns y [B, T, Di], h_T."""
@@ -107,8 +108,25 @@ class Mamba(nn.Module):
         return {"conv": torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)}
 
+    def _use_mamba_ssm_step(self, x: torch.Tensor, state: dict) -> bool:
+        """backend mamba_ssm, CUDA tensors, nothing recorded by autograd (the kernels write the state in place)."""
+        if self.backend != "mamba_ssm" or not x.is_cuda:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or any(t.requires_grad for t in state.values()) or
+                    any(p.requires_grad for p in self.parameters()))
+
     def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
-        """One token x [B, D] -> y [B, D]."""
+        """One token x [B, D] -> y [B, D].
+
+        With backend mamba_ssm on CUDA (no autograd): causal-conv1d's `causal_conv1d_update` and mamba-ssm's
+        `selective_state_update` (one kernel each: conv + SiLU; softplus(dt + bias), the state update, C.h + D x
+        and the SiLU(z) gate) update state["conv"] and state["ssm"] in place, as mamba-ssm's own `Mamba.step`.
+        Otherwise the PyTorch form below returns new state tensors.
+        """
+        if self._use_mamba_ssm_step(x, state):
+            return self._step_mamba_ssm(x, state, reset)
         conv, h = state["conv"], state["ssm"]
         if reset is not None:
             keep = (~reset).to(h.dtype)
@@ -125,3 +143,39 @@ class Mamba(nn.Module):
         y = torch.einsum("bdn,bn->bd", h, c) + xc.float() * self.D.float()
         y = y.to(x.dtype) * F.silu(z)
         return self.out_proj(y), {"conv": conv, "ssm": h}
+
+    def _step_mamba_ssm(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
+        causal_conv1d_update, selective_state_update = _mamba_ssm_step_kernels()
+        conv, h = state["conv"], state["ssm"]
+        if not (conv.is_contiguous() and h.is_contiguous() and h.dtype == torch.float32):
+            raise ValueError("Mamba.step (backend mamba_ssm) updates the state in place: it needs contiguous "
+                             f"conv and fp32 ssm tensors; got conv {tuple(conv.stride())}, ssm {h.dtype}")
+        if reset is not None:
+            conv.masked_fill_(reset.view(-1, 1, 1), 0.0)
+            h.masked_fill_(reset.view(-1, 1, 1), 0.0)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xc = _opaque(causal_conv1d_update)(xs.to(conv.dtype).contiguous(), conv, self.conv1d.weight[:, 0].to(conv.dtype),
+                                           None if self.conv1d.bias is None else self.conv1d.bias.to(conv.dtype),
+                                           "silu")
+        xc = xc.to(xs.dtype)
+        dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_low, self.dt_proj.weight)  # the kernel adds the bias in fp32 before the softplus
+        a = -torch.exp(self.A_log.float())
+        y = _opaque(selective_state_update)(h, xc, dt, a, b, c, self.D, z=z, dt_bias=self.dt_proj.bias,
+                                            dt_softplus=True)
+        return self.out_proj(y), {"conv": conv, "ssm": h}
+
+
+def _opaque(fn):
+    """`fn` run as is inside a torch.compile region (third-party CUDA/Triton launches: a graph break, not a trace)."""
+    return torch.compiler.disable(fn)
+
+
+def _mamba_ssm_step_kernels():
+    try:
+        from causal_conv1d import causal_conv1d_update
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except ImportError as err:
+        raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm and causal-conv1d packages (pip "
+                           "install mamba-ssm causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
+    return causal_conv1d_update, selective_state_update
