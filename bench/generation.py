@@ -60,6 +60,8 @@ LABELS = {"based": "Based", "attn": "Transformer++", "mamba": "Mamba"}
 GIB = 2**30
 # memory kept free beside the state: the step's activations, the CUDA graph pool, cuBLAS workspaces
 FIT_MARGIN_BYTES = 3 * GIB
+# seconds of a model's share of --budget-s kept for its graph check (a compile at one more batch size)
+GRAPH_CHECK_RESERVE_S = 30
 
 
 def model_config(name: str, backend: str, mamba_backend: str = "reference"):
@@ -236,8 +238,16 @@ def bench_decode(
     gen = torch.Generator(device="cuda").manual_seed(batch)
     first = torch.randint(0, model.cfg.vocab_size, (batch,), device="cuda", generator=gen)
     with static_attention(model, state, context + steps + 1) as static_state:
+        # no save/restore around the capture's warm-up: decode cost does not depend on the values, and a copy
+        # of the whole state would not fit at the most sequences per GPU
         step = StaticStep(
-            model, static_state, batch, use_graphs=mode == "graph", compile_mode=compile_mode, greedy=True
+            model,
+            static_state,
+            batch,
+            use_graphs=mode == "graph",
+            compile_mode=compile_mode,
+            greedy=True,
+            warm_up_restores=False,
         )
         setup = _sync_seconds(lambda: step(first))  # compiles and captures: not timed
         capture = 0.0
@@ -470,16 +480,30 @@ def set_backends(model, backends: dict) -> None:
 
 
 class Recorder:
-    """Results as nested dicts, written to `path` after every measurement; errors recorded, never raised."""
+    """Results as nested dicts, written to `path` after every measurement; errors recorded, never raised.
 
-    def __init__(self, path: Path, results: dict) -> None:
-        self.path, self.results = path, results
+    `deadline` (perf_counter seconds): measurements asked for after it are skipped with a note, so that the
+    run ends in its time budget with every earlier result kept.
+    """
+
+    def __init__(self, path: Path, results: dict, deadline: float = float("inf")) -> None:
+        self.path, self.results, self.deadline = path, results, deadline
         path.parent.mkdir(parents=True, exist_ok=True)
+
+    def out_of_time(self, where: dict, key: str) -> bool:
+        if time.perf_counter() <= self.deadline:
+            return False
+        where[key] = {"skipped": "time budget (--budget-s) spent"}
+        print(f"  {key}: skipped (time budget)", flush=True)
+        self.save()
+        return True
 
     def save(self) -> None:
         self.path.write_text(json.dumps(self.results, indent=1, default=float) + "\n")
 
     def guard(self, where: dict, key: str, fn, *args) -> dict:
+        if self.out_of_time(where, key):
+            return where[key]
         start = time.perf_counter()
         try:
             where[key] = fn(*args)
@@ -515,6 +539,8 @@ def decode_grid(rec: Recorder, name: str, model, template: StateTemplate, args, 
     for context in args.contexts:
         for batch in args.batches:
             key = f"decode_c{context}_b{batch}"
+            if rec.out_of_time(entry, key):
+                continue
             ok, why = _fits_prediction(template, batch, context, args.steps)
             if not ok:
                 entry[key] = {"skipped": why, "batch": batch, "context": context}
@@ -600,7 +626,31 @@ def fit_table(rec: Recorder, name: str, model, template: StateTemplate, args) ->
             )
 
 
+def bench_model(rec: Recorder, name: str, args, backends: dict, bandwidth: float, model_end: float) -> None:
+    """Prefill, the decode grid, the most sequences per GPU and the graph check of one model, by `model_end`."""
+    results = rec.results
+    model = make_model(CONFIGS[name], "reference", mamba_backend=results["mamba_backend"])
+    set_backends(model, backends)
+    results[name] = {
+        "parameters": model.num_parameters(),
+        "weight_bytes_per_step": weight_bytes_per_step(model),
+    }
+    print(f"{name}: {results[name]['parameters']:,} parameters", flush=True)
+    rec.deadline = model_end
+    if name in ("based", "attn"):  # Mamba's prefill with a state runs the reference scan: not a benchmark
+        for batch in args.prefill_batches:
+            rec.guard(results[name], f"prefill_b{batch}", bench_prefill, model, batch, args.prefill_len)
+    template = StateTemplate(model, args.fill_len)
+    rec.deadline = model_end - GRAPH_CHECK_RESERVE_S  # keep time for the graph check
+    decode_grid(rec, name, model, template, args, bandwidth)
+    fit_table(rec, name, model, template, args)
+    rec.deadline = model_end
+    mode = results[name]["step_mode"]
+    rec.guard(results[name], "graph_check", graph_check, model, mode["mode"], mode["compile"])
+
+
 def run(args) -> dict:
+    end = time.perf_counter() + args.budget_s - 20  # the summary and the last save after the models
     results = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -622,26 +672,17 @@ def run(args) -> dict:
     results["mamba_backend"] = "reference" if mamba_error else "mamba_ssm"
     if mamba_error:
         results["mamba_ssm_error"] = mamba_error
-    for name in args.models:
+    for i, name in enumerate(args.models):
         start = time.perf_counter()
-        model = make_model(CONFIGS[name], "reference", mamba_backend=results["mamba_backend"])
-        set_backends(model, backends)
-        results[name] = {
-            "parameters": model.num_parameters(),
-            "weight_bytes_per_step": weight_bytes_per_step(model),
-        }
-        print(f"{name}: {results[name]['parameters']:,} parameters", flush=True)
-        template = StateTemplate(model, args.fill_len)
-        decode_grid(rec, name, model, template, args, bandwidth)
-        fit_table(rec, name, model, template, args)
-        mode = results[name]["step_mode"]
-        rec.guard(results[name], "graph_check", graph_check, model, mode["mode"], mode["compile"])
-        if name in ("based", "attn"):
-            for batch in args.prefill_batches:
-                rec.guard(results[name], f"prefill_b{batch}", bench_prefill, model, batch, args.prefill_len)
+        model_end = start + (end - start) / (len(args.models) - i)  # an equal share of what is left
+        try:
+            bench_model(rec, name, args, backends, bandwidth, model_end)
+        except Exception as err:  # building the model or its state failed: keep the other models
+            results.setdefault(name, {})["error"] = f"{type(err).__name__}: {err}"[:800]
+            print(f"{name}: ERROR {results[name]['error']}", flush=True)
         results[name]["wall_seconds"] = time.perf_counter() - start
-        del model, template
         torch.cuda.empty_cache()
+    rec.deadline = float("inf")
     results["claim_24x"] = claim_24x(results)
     rec.save()
     return results
@@ -818,6 +859,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of --step compiled")
     parser.add_argument("--fit-tries", type=int, default=5, help="allocations per 'most sequences' check")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=450,
+        help="wall-clock budget: each model gets an equal share of what is left; measurements "
+        "past it are skipped with a note",
+    )
     parser.add_argument("--prefill-len", type=int, default=4096)
     parser.add_argument("--prefill-batches", default="1,8")
     parser.add_argument(

@@ -8,6 +8,7 @@ h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t; y_t = C_t h_t + D x_t; out = out
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -154,28 +155,25 @@ class Mamba(nn.Module):
             conv.masked_fill_(reset.view(-1, 1, 1), 0.0)
             h.masked_fill_(reset.view(-1, 1, 1), 0.0)
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xc = _opaque(causal_conv1d_update)(xs.to(conv.dtype).contiguous(), conv, self.conv1d.weight[:, 0].to(conv.dtype),
-                                           None if self.conv1d.bias is None else self.conv1d.bias.to(conv.dtype),
-                                           "silu")
+        xc = causal_conv1d_update(xs.to(conv.dtype).contiguous(), conv, self.conv1d.weight[:, 0].to(conv.dtype),
+                                   None if self.conv1d.bias is None else self.conv1d.bias.to(conv.dtype), "silu")
         xc = xc.to(xs.dtype)
         dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt_low, self.dt_proj.weight)  # the kernel adds the bias in fp32 before the softplus
         a = -torch.exp(self.A_log.float())
-        y = _opaque(selective_state_update)(h, xc, dt, a, b, c, self.D, z=z, dt_bias=self.dt_proj.bias,
-                                            dt_softplus=True)
+        y = selective_state_update(h, xc, dt, a, b, c, self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True)
         return self.out_proj(y), {"conv": conv, "ssm": h}
 
 
-def _opaque(fn):
-    """`fn` run as is inside a torch.compile region (third-party CUDA/Triton launches: a graph break, not a trace)."""
-    return torch.compiler.disable(fn)
-
-
+@torch.compiler.disable
+@functools.cache
 def _mamba_ssm_step_kernels():
+    """(causal_conv1d_update, selective_state_update), both opaque to torch.compile: a compiled step runs these
+    third-party CUDA/Triton launches as they are (a graph break) instead of tracing into them."""
     try:
         from causal_conv1d import causal_conv1d_update
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     except ImportError as err:
         raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm and causal-conv1d packages (pip "
                            "install mamba-ssm causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
-    return causal_conv1d_update, selective_state_update
+    return torch.compiler.disable(causal_conv1d_update), torch.compiler.disable(selective_state_update)
