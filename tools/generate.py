@@ -33,8 +33,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from based_layers.mixers.attention import CausalSelfAttention  # noqa: E402
+from kernels.decode_attention import decode_attention  # noqa: E402
 
 ATTENTION_BUCKET = 128
+# what StaticKVAttention attends the cache with (see its docstring)
+ATTENTION_CORES = ("sdpa", "triton", "reference")
 # the static KV cache's head dim is padded to a multiple of this (SDPA's efficient kernels need it)
 HEAD_DIM_MULTIPLE = 8
 
@@ -107,13 +110,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
              eos_id: int | None = None, pad_id: int = 0, vocab_size: int | None = None,
              generator: torch.Generator | None = None, cuda_graph: bool = False, keep_logits: bool = False,
              stop_at_eos: bool = True, should_stop=None, check_every: int = 4,
-             compile_mode: str | None = None) -> Generation:
+             compile_mode: str | None = None, attention_core: str = "sdpa") -> Generation:
     """Generate `max_new_tokens` per prompt (fewer for a row that emits `eos_id`).
 
     should_stop(rows: list[list[int]]) -> bool, called every `check_every` tokens with the new tokens so
     far, ends generation early (lm-eval's stop strings). Whether every row has emitted eos is also read back
     only every `check_every` tokens (a read is a host-device sync); the rows are cut at their eos either way.
     compile_mode: with cuda_graph, the step's blocks and head run through torch.compile (StaticStep).
+    attention_core: with cuda_graph, how attention layers read their static KV cache (StaticKVAttention).
 
     model: a based_layers LanguageModel (eval mode, any device/dtype). prompts: token ids per row.
     vocab_size: logits beyond it (padded vocabulary rows) are never sampled (default: model.cfg.vocab_size).
@@ -130,7 +134,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     sync()
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    with _decoder(model, state, batch, input_ids.shape[1] + max_new_tokens, cuda_graph, compile_mode) as step:
+    capacity = input_ids.shape[1] + max_new_tokens
+    with _decoder(model, state, batch, capacity, cuda_graph, compile_mode, attention_core) as step:
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         kept = [] if keep_logits else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -166,7 +171,8 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _decoder(model, state, batch: int, capacity: int, cuda_graph: bool, compile_mode: str | None = None):
+def _decoder(model, state, batch: int, capacity: int, cuda_graph: bool, compile_mode: str | None = None,
+             attention_core: str = "sdpa"):
     """Yields step(token [B]) -> logits [B, V]; eager, or CUDA graphs over static buffers."""
     if not cuda_graph:
         holder = {"state": state}
@@ -177,7 +183,7 @@ def _decoder(model, state, batch: int, capacity: int, cuda_graph: bool, compile_
 
         yield eager
         return
-    with static_attention(model, state, capacity) as static_state:
+    with static_attention(model, state, capacity, attention_core) as static_state:
         yield StaticStep(model, static_state, batch, use_graphs=True, compile_mode=compile_mode)
 
 
@@ -192,14 +198,19 @@ class StaticKVAttention(nn.Module):
     State: k, v [B, C, H, Dp] (C = capacity; Dp = the head dim Dh padded to a multiple of 8 with zeros),
     valid [B, C] bool, length [] long (entries used), next [B] (position of the next token). `limit` (a Python
     int, a multiple of ATTENTION_BUCKET) is how much of the cache the step reads; a CUDA graph is captured per
-    limit. SDPA's memory-efficient kernel (the one that takes a mask) needs a head dim divisible by 8 (4 in
+    limit. `core` picks the attention over the cache: "sdpa" (torch SDPA with a mask), "triton" (the split-K
+    kernel of kernels.decode_attention, which spreads each row's cache over several programs) or "reference".
+    SDPA's memory-efficient kernel (the one that takes a mask) needs a head dim divisible by 8 (4 in
     fp32); otherwise PyTorch takes its math path (the 1.3B Transformer++ has Dh = 70). The zero padding leaves
     q.k unchanged; the softmax scale stays Dh^-0.5 and the output is cut back to Dh.
     """
 
-    def __init__(self, inner: CausalSelfAttention) -> None:
+    def __init__(self, inner: CausalSelfAttention, core: str = "sdpa") -> None:
         super().__init__()
+        if core not in ATTENTION_CORES:
+            raise ValueError(f"StaticKVAttention: core={core!r}; expected one of {ATTENTION_CORES}")
         self.inner = inner
+        self.core = core
         self.limit = ATTENTION_BUCKET
 
     @staticmethod
@@ -240,6 +251,9 @@ class StaticKVAttention(nn.Module):
         state["v"][..., :dim].index_copy_(1, at, v.to(state["v"].dtype))
         state["valid"].index_fill_(1, at, True)
         lim = self.limit
+        if self.core != "sdpa":  # kernels.decode_attention reads the cache in place (its first `dim` lanes)
+            o = decode_attention(q[:, 0], state["k"], state["v"], state["valid"], lim, dim**-0.5, backend=self.core)
+            return o.reshape(q.shape[0], -1)
         keys = state["k"][:, :lim].transpose(1, 2).to(q.dtype)
         values = state["v"][:, :lim].transpose(1, 2).to(q.dtype)
         query = F.pad(q, (0, padded - dim)).transpose(1, 2)
@@ -249,7 +263,7 @@ class StaticKVAttention(nn.Module):
 
 
 @contextlib.contextmanager
-def static_attention(model, state: list[dict], capacity: int):
+def static_attention(model, state: list[dict], capacity: int, core: str = "sdpa"):
     """Swap every attention mixer for a StaticKVAttention (restored on exit); yields the converted state.
 
     A layer state that is already static (it has "length", e.g. built by `StaticKVAttention.allocate`) is kept.
@@ -261,7 +275,7 @@ def static_attention(model, state: list[dict], capacity: int):
         for block, layer_state in zip(blocks, state, strict=True):
             if isinstance(block.mixer, CausalSelfAttention):
                 swapped.append((block, block.mixer))
-                block.mixer = StaticKVAttention(block.mixer)
+                block.mixer = StaticKVAttention(block.mixer, core)
                 if "length" not in layer_state:  # a prefill's cache; a static one (benchmarks) is used as is
                     layer_state = StaticKVAttention.from_prefill(layer_state, capacity)
             new_state.append(layer_state)

@@ -369,3 +369,29 @@ def test_mamba_ssm_step_kernels_equal_reference_step():
             torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
             token = ref.argmax(-1)
         assert [id(t) for s in state for t in s.values()] == tensors, "the kernels update the state in place"
+
+
+@pytest.mark.parametrize("core", ["triton", "reference"])
+def test_static_kv_attention_cores_equal_the_eager_step(core, monkeypatch):
+    """StaticKVAttention's split-K decode kernel (and its PyTorch reference) read the padded, bucketed cache in
+    place: the logits equal the eager step's (fp32; Triton's interpreter on CPU), left padding included."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(gen, "ATTENTION_BUCKET", 8)
+    cfg = dataclasses.replace(tiny_config("attn"), d_model=30, attention=AttentionConfig(num_heads=3,
+                                                                                          rotary_fraction=0.5))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval().to(TRITON_DEVICE)
+    ids, docs = left_pad(_prompts(), 0, TRITON_DEVICE)
+    steps = 11
+    tokens = torch.randint(0, 200, (steps, 3), generator=torch.Generator().manual_seed(0)).to(TRITON_DEVICE)
+    with torch.inference_mode():
+        _, state = model.prefill(ids, docs)
+        eager = []
+        for token in tokens:
+            logits, state = model.step(token, state)
+            eager.append(logits)
+        _, state = model.prefill(ids, docs)
+        with static_attention(model, state, ids.shape[1] + steps, core) as static_state:
+            step = StaticStep(model, static_state, 3, use_graphs=False)
+            static = [step(token).clone() for token in tokens]
+    torch.testing.assert_close(torch.stack(static), torch.stack(eager), rtol=1e-4, atol=1e-4)
