@@ -158,6 +158,7 @@ class StateTemplate:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.rows: list[dict | None] = [None] * len(self.blocks)
+        self.has_attention = any(isinstance(b.mixer, CausalSelfAttention) for b in self.blocks)
         if not all(isinstance(b.mixer, CausalSelfAttention) for b in self.blocks):
             gen = torch.Generator(device=self.device).manual_seed(seed)
             ids = torch.randint(0, model.cfg.vocab_size, (1, fill_len), device=self.device, generator=gen)
@@ -229,15 +230,17 @@ def bench_decode(
     bandwidth: float,
     mode: str,
     compile_mode: str | None,
+    core: str = "sdpa",
 ) -> dict:
-    """Greedy decode of `steps` tokens after `context` cached tokens. mode: graph (CUDA graphs) or eager."""
+    """Greedy decode of `steps` tokens after `context` cached tokens. mode: graph (CUDA graphs) or eager;
+    core: how attention reads its KV cache (tools.generate.StaticKVAttention)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     state = template.build(batch, context, steps + 1, seed=batch)
     traffic = state_traffic_per_seq(model, state, context, steps)
     gen = torch.Generator(device="cuda").manual_seed(batch)
     first = torch.randint(0, model.cfg.vocab_size, (batch,), device="cuda", generator=gen)
-    with static_attention(model, state, context + steps + 1) as static_state:
+    with static_attention(model, state, context + steps + 1, core) as static_state:
         # no save/restore around the capture's warm-up: decode cost does not depend on the values, and a copy
         # of the whole state would not fit at the most sequences per GPU
         step = StaticStep(
@@ -269,6 +272,7 @@ def bench_decode(
         "steps": steps,
         "mode": mode,
         "compile": compile_mode,
+        "attention_core": core if template.has_attention else None,
         "ms_per_step": 1e3 * seconds / steps,
         "tokens_per_second": batch * steps / seconds,
         "floor_ms_per_step": 1e3 * floor_s,
@@ -287,13 +291,13 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def fits(model, template: StateTemplate, batch: int, context: int, steps: int) -> tuple[bool, str]:
+def fits(model, template: StateTemplate, batch: int, context: int, steps: int, core: str) -> tuple[bool, str]:
     """Allocate `batch` sequences at `context` and run one eager step: (True, "") or (False, why)."""
     torch.cuda.empty_cache()
     try:
         with torch.inference_mode():
             state = template.build(batch, context, steps + 1)
-            with static_attention(model, state, context + steps + 1) as static_state:
+            with static_attention(model, state, context + steps + 1, core) as static_state:
                 StaticStep(model, static_state, batch, use_graphs=False, greedy=True)()
             torch.cuda.synchronize()
         return True, ""
@@ -341,7 +345,13 @@ def search_max(predicted: int, known_fit: int, tries: int, check) -> tuple[int, 
 
 
 def max_sequences(
-    model, template: StateTemplate, context: int, steps: int, points: list[tuple[int, float]], tries: int
+    model,
+    template: StateTemplate,
+    context: int,
+    steps: int,
+    points: list[tuple[int, float]],
+    tries: int,
+    core: str,
 ) -> dict:
     """The most sequences at `context` that fit on this GPU: predicted, then checked (and bisected on OOM)."""
     torch.cuda.empty_cache()
@@ -350,7 +360,7 @@ def max_sequences(
     predicted = max(int((free - FIT_MARGIN_BYTES) / per_seq), 0)
     known_fit = max([b for b, _ in points], default=0)  # a batch the grid ran
     verified, checked = search_max(
-        predicted, known_fit, tries, lambda batch: fits(model, template, batch, context, steps)
+        predicted, known_fit, tries, lambda batch: fits(model, template, batch, context, steps, core)
     )
     return {
         "context": context,
@@ -422,8 +432,9 @@ def probe_kernels(shapes=((1, 4096), (8, 4096))) -> dict:
     """
     from based_layers.mixers import MIXER_CLASSES
 
+    choice = probe_decode_attention()
+    print("PROBE" + json.dumps(choice), flush=True)
     cfg = model_config("based_1b_10b", "triton")
-    choice = {}
     for section in ("base_conv", "sliding_window", "linear_attn"):
         torch.manual_seed(0)
         with torch.device("cuda"):
@@ -444,9 +455,30 @@ def probe_kernels(shapes=((1, 4096), (8, 4096))) -> dict:
     return choice
 
 
+def probe_decode_attention(batch: int = 8, context: int = 4100, heads: int = 24, dim: int = 70) -> dict:
+    """{"decode_attention": "triton" or "sdpa"}: the split-K kernel at Transformer++'s decode shapes (the static
+    cache's padded head dim 72, a bucketed limit with invalid slots past the context) vs its reference."""
+    from kernels.decode_attention import decode_attention
+
+    capacity = -(-(context + 1) // ATTENTION_BUCKET) * ATTENTION_BUCKET
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, capacity, heads, 72, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    valid = torch.zeros(batch, capacity, dtype=torch.bool, device="cuda")
+    valid[:, :context] = True
+    fast = decode_attention(q, k, v, valid, capacity, dim**-0.5, backend="triton").float()
+    ref = decode_attention(q, k, v, valid, capacity, dim**-0.5, backend="reference").float()
+    err = ((fast - ref).norm() / ref.norm()).item()
+    return {"decode_attention": "triton" if err < 2e-2 else "sdpa", "decode_attention_rel_err": err}
+
+
 def kernel_backends(shapes) -> dict:
-    """Probe the Triton kernels in a child process; a kernel that failed or was not reached uses its reference."""
-    choice = {"base_conv": "reference", "linear_attn": "reference", "sliding_window": "reference"}
+    """Probe the Triton kernels in a child process; a kernel that failed or was not reached is not used."""
+    choice = {
+        "base_conv": "reference",
+        "linear_attn": "reference",
+        "sliding_window": "reference",
+        "decode_attention": "sdpa",
+    }
     try:
         proc = subprocess.run(
             [sys.executable, "-c", PROBE.format(root=str(ROOT), shapes=tuple(shapes))],
@@ -532,10 +564,9 @@ def _fits_prediction(template: StateTemplate, batch: int, context: int, steps: i
 def decode_grid(rec: Recorder, name: str, model, template: StateTemplate, args, bandwidth: float) -> None:
     """Every context x batch for one model; the step mode falls back (compiled -> graph -> eager) on errors."""
     entry = rec.results[name]
-    compile_mode = None if args.step == "graph" else args.compile_mode
     mode = "eager" if args.step == "eager" else "graph"
-    if args.step == "eager":
-        compile_mode = None
+    compile_mode = args.compile_mode if args.step == "compiled" else None
+    core = args.attention_core
     for context in args.contexts:
         for batch in args.batches:
             key = f"decode_c{context}_b{batch}"
@@ -547,19 +578,8 @@ def decode_grid(rec: Recorder, name: str, model, template: StateTemplate, args, 
                 print(f"  {key}: skipped ({why})", flush=True)
                 rec.save()
                 continue
-            result = rec.guard(
-                entry,
-                key,
-                bench_decode,
-                model,
-                template,
-                batch,
-                context,
-                args.steps,
-                bandwidth,
-                mode,
-                compile_mode,
-            )
+            run = (model, template, batch, context, args.steps, bandwidth)
+            result = rec.guard(entry, key, bench_decode, *run, mode, compile_mode, core)
             while "error" in result and not result["oom"] and (compile_mode is not None or mode == "graph"):
                 failed = f"{mode}{'+compile ' + compile_mode if compile_mode else ''}"
                 if compile_mode is not None:
@@ -569,20 +589,30 @@ def decode_grid(rec: Recorder, name: str, model, template: StateTemplate, args, 
                 entry.setdefault("fallbacks", []).append(
                     {"at": key, "failed": failed, "error": result["error"]}
                 )
-                result = rec.guard(
-                    entry,
-                    key,
-                    bench_decode,
-                    model,
-                    template,
-                    batch,
-                    context,
-                    args.steps,
-                    bandwidth,
-                    mode,
-                    compile_mode,
-                )
-    entry["step_mode"] = {"mode": mode, "compile": compile_mode}
+                result = rec.guard(entry, key, bench_decode, *run, mode, compile_mode, core)
+    entry["step_mode"] = {"mode": mode, "compile": compile_mode, "core": core}
+    if template.has_attention and core != "sdpa":
+        attention_ab(rec, name, model, template, args, bandwidth)
+
+
+def attention_ab(rec: Recorder, name: str, model, template: StateTemplate, args, bandwidth: float) -> None:
+    """The same decode with torch SDPA reading the cache, at the largest measured batch of the shortest and
+    the longest cache length: what the split-K kernel changes."""
+    entry, mode = rec.results[name], rec.results[name]["step_mode"]
+    measured = _decode(rec.results, name)
+    for context in sorted({args.contexts[0], args.contexts[-1]}):
+        batches = [b for (c, b), e in measured.items() if c == context and "tokens_per_second" in e]
+        if batches:
+            run = (model, template, max(batches), context, args.steps, bandwidth)
+            rec.guard(
+                entry,
+                f"sdpa_c{context}_b{max(batches)}",
+                bench_decode,
+                *run,
+                mode["mode"],
+                mode["compile"],
+                "sdpa",
+            )
 
 
 def fit_table(rec: Recorder, name: str, model, template: StateTemplate, args) -> None:
@@ -604,25 +634,30 @@ def fit_table(rec: Recorder, name: str, model, template: StateTemplate, args) ->
             args.steps,
             points,
             args.fit_tries,
+            entry["step_mode"]["core"],
         )
         if constant:
             result["same_at_every_context"] = "constant-size state: the same count at every cache length"
             rec.save()
         grid_max = max([b for b, _ in points], default=0)
         if result.get("verified", 0) > grid_max:  # the throughput of a full GPU at this cache length
-            mode = entry["step_mode"]
-            rec.guard(
-                entry,
-                f"decode_max_c{context}",
-                bench_decode,
+            mode, steps = entry["step_mode"], min(args.steps, 16)
+            run = (
                 model,
                 template,
                 result["verified"],
                 context,
-                min(args.steps, 16),
+                steps,
                 rec.results["copy_bandwidth_bytes_per_s"],
+            )
+            rec.guard(
+                entry,
+                f"decode_max_c{context}",
+                bench_decode,
+                *run,
                 mode["mode"],
                 mode["compile"],
+                mode["core"],
             )
 
 
@@ -663,11 +698,15 @@ def run(args) -> dict:
     results["copy_bandwidth_bytes_per_s"] = bandwidth = copy_bandwidth()
     print(f"device {results['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     backends = {}
-    if "based" in args.models:
+    if "based" in args.models or "attn" in args.models:
         results["kernel_backends"] = backends = kernel_backends(
             [(b, args.prefill_len) for b in args.prefill_batches]
         )
-        print(f"Based mixer backends: {backends}", flush=True)
+        print(f"kernel probe: {backends}", flush=True)
+    args.attention_core = (
+        backends.get("decode_attention", "sdpa") if args.attn_core == "auto" else args.attn_core
+    )
+    results["attention_core"] = args.attention_core
     mamba_error = mamba_ssm_error() if "mamba" in args.models else None
     results["mamba_backend"] = "reference" if mamba_error else "mamba_ssm"
     if mamba_error:
@@ -826,6 +865,13 @@ def table(results: dict) -> str:
             f"\nprefill batch {key[9:]} x {results['args']['prefill_len']}: Based "
             f"{b.get('ms', float('nan')):.1f} ms, Transformer++ {a.get('ms', float('nan')):.1f} ms ({ratio})"
         )
+    for key, sdpa in sorted(results.get("attn", {}).items()):
+        if key.startswith("sdpa_c") and "ms_per_step" in sdpa:
+            split = results["attn"].get(f"decode_c{sdpa['context']}_b{sdpa['batch']}", {})
+            rows.append(
+                f"Transformer++ cache {sdpa['context']} batch {sdpa['batch']}: split-K kernel "
+                f"{split.get('ms_per_step', float('nan')):.2f} ms/step, SDPA {sdpa['ms_per_step']:.2f} ms/step"
+            )
     for n in names:
         check = results[n].get("graph_check", {})
         if "tokens_equal_fraction" in check:
@@ -858,6 +904,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "graph (the earlier step); eager: no graph",
     )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of --step compiled")
+    parser.add_argument(
+        "--attn-core",
+        default="auto",
+        choices=["auto", "triton", "sdpa"],
+        help="Transformer++'s attention over the KV cache: the split-K Triton kernel, torch SDPA, "
+        "or auto (the kernel when it passes the probe)",
+    )
     parser.add_argument("--fit-tries", type=int, default=5, help="allocations per 'most sequences' check")
     parser.add_argument(
         "--budget-s",

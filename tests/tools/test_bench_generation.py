@@ -71,45 +71,70 @@ def test_search_max_bisects_to_the_largest_fitting_batch():
     assert bench.search_max(1000, 128, 5, check)[0] == 1000 and calls == [1000]  # the prediction held
     calls.clear()
     found, checked = bench.search_max(2000, 128, 12, check)
-    assert limit * 0.99 <= found <= limit and len(checked) <= 12 and checked[0] == {"batch": 2000, "fits": False,
-                                                                                    "why": "OOM"}
+    assert (
+        limit * 0.99 <= found <= limit
+        and len(checked) <= 12
+        and checked[0] == {"batch": 2000, "fits": False, "why": "OOM"}
+    )
     calls.clear()
-    assert bench.search_max(2000, 128, 2, check)[0] == 1064  # two tries: OOM at 2000, then (128 + 2000) // 2 fits
+    assert (
+        bench.search_max(2000, 128, 2, check)[0] == 1064
+    )  # two tries: OOM at 2000, then (128 + 2000) // 2 fits
     found, checked = bench.search_max(500, 128, 5, lambda b: (False, "RuntimeError: grid too large"))
     assert found == 128 and len(checked) == 1  # not an OOM: no bisection
 
 
 def _entry(tps, ms, floor, peak=1.0, batch=1):
-    return {"tokens_per_second": tps, "ms_per_step": ms, "floor_ms_per_step": floor, "step_over_floor": ms / floor,
-            "peak_memory_gib": peak, "batch": batch}
+    return {
+        "tokens_per_second": tps,
+        "ms_per_step": ms,
+        "floor_ms_per_step": floor,
+        "step_over_floor": ms / floor,
+        "peak_memory_gib": peak,
+        "batch": batch,
+    }
 
 
 def test_claim_24x_and_table():
     results = {
         "args": {"prefill_len": 4096},
-        "based": {"decode_c1024_b128": _entry(50000, 2.5, 1.7, batch=128),
-                  "decode_c16384_b16": _entry(20000, 0.8, 0.7, batch=16),
-                  "decode_c16384_b64": _entry(30000, 2.1, 1.2, batch=64),
-                  "max_sequences_c1024": {"context": 1024, "predicted": 8000, "verified": 7900, "per_seq_mib": 17.2,
-                                          "same_at_every_context": "constant"},
-                  "decode_max_c1024": _entry(100000, 60.0, 55.0, batch=7900) | {"context": 1024},
-                  "prefill_b1": {"ms": 30.0, "seconds": 0.03}},
-        "attn": {"decode_c1024_b128": _entry(12000, 10.7, 7.5, batch=128),
-                 "decode_c16384_b16": _entry(1000, 16.0, 15.9, batch=16),
-                 "decode_c16384_b64": {"skipped": "does not fit", "batch": 64, "context": 16384},
-                 "prefill_b1": {"ms": 54.0, "seconds": 0.054}},
+        "based": {
+            "decode_c1024_b128": _entry(50000, 2.5, 1.7, batch=128),
+            "decode_c16384_b16": _entry(20000, 0.8, 0.7, batch=16),
+            "decode_c16384_b64": _entry(30000, 2.1, 1.2, batch=64),
+            "max_sequences_c1024": {
+                "context": 1024,
+                "predicted": 8000,
+                "verified": 7900,
+                "per_seq_mib": 17.2,
+                "same_at_every_context": "constant",
+            },
+            "decode_max_c1024": _entry(100000, 60.0, 55.0, batch=7900) | {"context": 1024},
+            "prefill_b1": {"ms": 30.0, "seconds": 0.03},
+        },
+        "attn": {
+            "decode_c1024_b128": _entry(12000, 10.7, 7.5, batch=128),
+            "decode_c16384_b16": _entry(1000, 16.0, 15.9, batch=16),
+            "decode_c16384_b64": {"skipped": "does not fit", "batch": 64, "context": 16384},
+            "sdpa_c16384_b16": _entry(500, 32.0, 15.9, batch=16) | {"context": 16384},
+            "prefill_b1": {"ms": 54.0, "seconds": 0.054},
+        },
     }
     claim = bench.claim_24x(results)
     assert "not reached at the same batch: at most 20.0x (cache 16384, batch 16" in claim["answer"]
     assert "c16384_b64" in claim["answer"]
     # per GPU at 16k: Based at its most sequences (constant state) 100,000 tok/s vs Transformer++'s best 1,000
-    assert "per GPU" in claim["answer"] and "Based batch 7900 vs Transformer++ batch 16 (100.0x)" in claim["answer"]
+    assert (
+        "per GPU" in claim["answer"]
+        and "Based batch 7900 vs Transformer++ batch 16 (100.0x)" in claim["answer"]
+    )
     results["claim_24x"] = claim
     text = bench.table(results)
     assert "| 16384 | 64 | 30,000 tok/s, 2.10 ms (1.75x floor 1.20), 1.0 GiB | does not fit | - |" in text
     assert "| 1024 | 128 |" in text and "4.17x |" in text
     assert "| Based | 1024 (every cache length) | 8,000 | 7,900 | 17.2 | 100,000 tok/s" in text
     assert "1.80x faster" in text and text.splitlines()[-1].startswith("24x: ")
+    assert "cache 16384 batch 16: split-K kernel 16.00 ms/step, SDPA 32.00 ms/step" in text
 
 
 def test_quick_args():
