@@ -332,9 +332,10 @@ class StaticStep:
     the eager `model.step` (the same computation: embeddings, each block's step, final norm and head).
     `greedy=True` puts the sampling head inside the step: its argmax is written into the token buffer, so a
     call without a token continues from the previous greedy token with no host work but the replay.
-    `warm_up_restores=False` skips saving and restoring the state around the warm-up step before a capture (it
-    then advances the state by one token): for benchmarks, where the values do not matter and a copy of the
-    whole state would not fit at the largest batches.
+    `warm_up_restores=False` restores only the integer bookkeeping (positions, lengths, the token) around the
+    warm-up step before a capture, not the floating-point state (which then holds one more token): for
+    benchmarks, where the values do not matter and a copy of the whole state would not fit at the largest
+    batches.
     """
 
     def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True,
@@ -404,7 +405,9 @@ class StaticStep:
         so it is saved like the rest.)
         """
         tensors = [t for t in _flat(self.state) if id(t) not in self._append_only] + [self.token]
-        saved = [(t, t.clone()) for t in tensors] if self.warm_up_restores else []
+        if not self.warm_up_restores:  # the bookkeeping only: positions, lengths, the token
+            tensors = [t for t in tensors if not t.is_floating_point()]
+        saved = [(t, t.clone()) for t in tensors]
         self._body()
         for static, value in saved:
             static.copy_(value)
