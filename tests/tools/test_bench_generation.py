@@ -111,6 +111,7 @@ def test_claim_24x_and_table():
             },
             "decode_max_c1024": _entry(100000, 60.0, 55.0, batch=7900) | {"context": 1024},
             "prefill_b1": {"ms": 30.0, "seconds": 0.03},
+            "prefill_graph_b1": {"ms": 20.0, "seconds": 0.02},
         },
         "attn": {
             "decode_c1024_b128": _entry(12000, 10.7, 7.5, batch=128),
@@ -118,6 +119,7 @@ def test_claim_24x_and_table():
             "decode_c16384_b64": {"skipped": "does not fit", "batch": 64, "context": 16384},
             "sdpa_c16384_b16": _entry(500, 32.0, 15.9, batch=16) | {"context": 16384},
             "prefill_b1": {"ms": 54.0, "seconds": 0.054},
+            "prefill_graph_b1": {"ms": 40.0, "seconds": 0.04},
         },
     }
     claim = bench.claim_24x(results)
@@ -133,6 +135,8 @@ def test_claim_24x_and_table():
     assert "| 16384 | 64 | 30,000 tok/s, 2.10 ms (1.75x floor 1.20), 1.0 GiB | does not fit | - |" in text
     assert "| 1024 | 128 |" in text and "4.17x |" in text
     assert "| Based | 1024 (every cache length) | 8,000 | 7,900 | 17.2 | 100,000 tok/s" in text
+    assert "prefill batch 1 x 4096: Based 30.0 ms, Transformer++ 54.0 ms (1.80x faster)" in text
+    assert "prefill (CUDA graph) batch 1 x 4096: Based 20.0 ms, Transformer++ 40.0 ms (2.00x faster)" in text
     assert "1.80x faster" in text and text.splitlines()[-1].startswith("24x: ")
     assert "cache 16384 batch 16: split-K kernel 16.00 ms/step, SDPA 32.00 ms/step" in text
 
