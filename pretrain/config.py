@@ -55,6 +55,9 @@ class ScheduleConfig:
     min_lr: float = 8e-5
 
 
+COMPILE_CHOICES = ("auto", "true", "false")
+
+
 @dataclass
 class ParallelConfig:
     dp: int = -1
@@ -66,7 +69,12 @@ class ParallelConfig:
     pp_stage_layers: list[int] = field(default_factory=list)
     fsdp: bool = False
     activation_checkpoint: bool = False
-    compile: bool = False
+    # torch.compile each block: "auto" = on for CUDA runs, eager on CPU; "true" / "false" force it (YAML
+    # booleans are accepted). pretrain/parallelize.py `compile_decision` says when auto falls back.
+    compile: str = "auto"
+    # the torch.compile backend: inductor (generated kernels); aot_eager or eager trace without generating
+    # kernels (for debugging a compile problem, and for CPU tests)
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -200,6 +208,17 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"nonfinite_policy: {cfg.nonfinite_policy!r}; expected 'skip' or 'stop'")
     if cfg.parallel.pp_schedule not in ("1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"):
         problems.append(f"parallel.pp_schedule: {cfg.parallel.pp_schedule!r}; expected 1f1b, interleaved_1f1b, gpipe or zero_bubble")
+    if str(cfg.parallel.compile).lower() not in COMPILE_CHOICES:
+        problems.append(f"parallel.compile: {cfg.parallel.compile!r}; expected auto, true or false")
+    if cfg.parallel.compile_backend not in ("inductor", "aot_eager", "eager"):
+        problems.append(f"parallel.compile_backend: {cfg.parallel.compile_backend!r}; expected inductor, aot_eager "
+                        "or eager")
+    if ("mamba" in cfg.model.layer_mixers() and cfg.model.mamba.backend == "mamba_ssm"
+            and cfg.data.reset_state_at_doc_boundaries):
+        problems.append("data.reset_state_at_doc_boundaries=true with model.mamba.backend=mamba_ssm: mamba-ssm's "
+                        "fused scan cannot reset at document starts (the sequential reference scan would run, about "
+                        "100x slower on GPU); set data.reset_state_at_doc_boundaries=false (as the published Mamba "
+                        "runs) or model.mamba.backend=reference")
     if cfg.schedule.warmup_steps > cfg.schedule.max_steps:
         problems.append("schedule.warmup_steps: larger than schedule.max_steps")
     if len(cfg.optim.betas) != 2:

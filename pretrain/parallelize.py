@@ -4,7 +4,8 @@ One device mesh `(pp, dp, tp)` over all processes (tensor parallel innermost, so
 run of neighbouring ranks, i.e. GPUs of one node). In this order:
 1. pipeline: the layer stack is cut into `pp * virtual_stages` stages (pretrain/pipeline.py);
 2. tensor + sequence parallelism on each stage (pretrain/tensor_parallel.py);
-3. activation checkpointing and torch.compile per block;
+3. activation checkpointing and torch.compile per block (`parallel.compile`: auto = on for CUDA runs, see
+   `compile_decision`);
 4. data parallelism with FSDP2: `fsdp: true` shards parameters, gradients and optimizer state over `dp`;
    `fsdp: false` replicates (all-reduce of gradients). With `precision: bf16` on GPU, parameters are gathered
    in bf16 and gradients reduced in fp32.
@@ -234,6 +235,7 @@ class ParallelModel(nn.Module):
         self.layout = layout
         self.device = device
         self.pipeline: Pipeline | None = None
+        self.compile_info = CompileDecision(False, "torch.compile off")
         self._poison = False
         self._tied_group = None
         self._tied_param: nn.Parameter | None = None
@@ -344,16 +346,71 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     return total
 
 
-def _apply_block_wrappers(part: LanguageModel, cfg: TrainConfig) -> None:
-    """Activation checkpointing and torch.compile, block by block."""
+@dataclass
+class CompileDecision:
+    """Whether blocks are compiled, and the line the trainer logs about it."""
+
+    enabled: bool
+    message: str
+
+
+def _compile_blocker(cfg: TrainConfig, device: torch.device) -> str | None:
+    """Why torch.compile cannot (or should not) run this model on `device`, or None."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (inductor generates Triton kernels on CUDA)
+        except ImportError:
+            return "torch.compile needs the Triton package on CUDA (pip install triton)"
+    if "mamba" in cfg.model.layer_mixers() and cfg.model.mamba.backend == "reference":
+        # the reference scan is a Python loop over T steps: dynamo would unroll all of them
+        return (f"model.mamba.backend=reference runs a Python loop over {cfg.data.seq_len} positions that "
+                "torch.compile would unroll (minutes of compile time, no speedup); set model.mamba.backend=mamba_ssm")
+    return None
+
+
+def compile_decision(cfg: TrainConfig, device: torch.device) -> CompileDecision:
+    """Resolve `parallel.compile` (auto / true / false) for a run on `device`.
+
+    auto: compile on CUDA unless `_compile_blocker` names a reason (then eager, with that reason in the
+    message); eager on CPU. true: compile on any device, and a blocker is a ConfigError. false: eager.
+    """
+    choice = str(cfg.parallel.compile).lower()
+    if choice == "false":
+        return CompileDecision(False, "torch.compile off (parallel.compile=false)")
+    blocker = _compile_blocker(cfg, device)
+    if choice == "true":
+        if blocker:
+            raise ConfigError(f"parallel.compile=true: {blocker}; or set parallel.compile=auto or false")
+        return CompileDecision(True, f"torch.compile on for every block (parallel.compile=true, {device.type})")
+    if device.type != "cuda":
+        return CompileDecision(False, f"torch.compile off: parallel.compile=auto runs eager on {device.type} "
+                                      "(set parallel.compile=true to compile there)")
+    if blocker:
+        return CompileDecision(False, f"torch.compile off, falling back to eager: {blocker} "
+                                      "(parallel.compile=auto; set parallel.compile=false to silence this)")
+    return CompileDecision(True, "torch.compile on for every block (parallel.compile=auto on CUDA)")
+
+
+def compile_seconds() -> float:
+    """Seconds spent in torch.compile so far in this process (dynamo and the backend it calls)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    # graph capture and forward compile, and the backward graphs compiled at their first backward
+    keys = ("_compile.compile_inner", "backward._backward_impl")
+    return float(sum(sum(compilation_time_metrics.get(key, [])) for key in keys))
+
+
+def _apply_block_wrappers(part: LanguageModel, cfg: TrainConfig, compile_blocks: bool) -> None:
+    """Activation checkpointing and torch.compile, block by block (before FSDP2 wraps each block, so that
+    its all-gathers and reduce-scatters stay outside the compiled graphs)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = part.transformer.layers
     for key, block in list(layers.items()):
         if cfg.parallel.activation_checkpoint:
             block = checkpoint_wrapper(block)
-        if cfg.parallel.compile:
-            block = torch.compile(block)
+        if compile_blocks:
+            block = torch.compile(block, backend=cfg.parallel.compile_backend)
         layers[key] = block
 
 
@@ -405,17 +462,19 @@ def parallelize(model: LanguageModel, cfg: TrainConfig, derived: Derived, dist_i
     check_layout(cfg, derived)
     device = dist_info.device
     layout = make_layout(cfg, derived, device)
+    decision = compile_decision(cfg, device)
     parts, stage_ids = _split_pipeline(model, cfg, layout) if layout.pp > 1 else ([model], [0])
     fused_rows: dict[str, tuple[int, int]] = {}
     for part in parts:
         if layout.tp > 1:
             fused_rows.update(apply_tensor_parallel(part, layout.mesh["tp"]))
-        _apply_block_wrappers(part, cfg)
+        _apply_block_wrappers(part, cfg, decision.enabled)
         if layout.dp > 1:
             _apply_data_parallel(part, cfg, layout, device)
     module = parts[0] if len(parts) == 1 else join_parts(parts)
     setattr(module, FUSED_ROWS_ATTR, fused_rows)
     wrapped = ParallelModel(module, layout, device)
+    wrapped.compile_info = decision
     if layout.pp > 1:
         wrapped.pipeline = Pipeline(parts, stage_ids, layout, derived.grad_accum, cfg.parallel.pp_schedule,
                                     wrapped._pipeline_loss, device)

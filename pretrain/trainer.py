@@ -27,7 +27,7 @@ from pretrain.distributed import DistInfo, all_reduce_max, all_reduce_mean, seed
 from pretrain.flops import training_flops_per_token
 from pretrain.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
 from pretrain.optim import build_optimizer, lr_at, set_lr
-from pretrain.parallelize import batch_to_device, check_layout, parallelize, unwrap
+from pretrain.parallelize import batch_to_device, check_layout, compile_seconds, parallelize, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class Trainer:
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops_per_device)
         self.metrics = MetricsLogger(self.run_dir, dist_info.is_main, cfg.logging.tensorboard, cfg.schedule.max_steps,
                                      cfg.logging.progress_bar)
+        self.metrics.message(self.model.compile_info.message)
+        self._compile_logged = not self.model.compile_info.enabled
 
     def _train_loader(self) -> GlobalOrderLoader:
         d = self.cfg.data
@@ -202,7 +204,13 @@ class Trainer:
                 self.metrics.message(f"signal received: checkpoint {folder} written at step {self.state.step}; exiting")
                 return 0
             loader_before = self.loader.state_dict()
+            started = time.perf_counter()
             out = self.train_step(batches)
+            if not self._compile_logged:
+                # once per process: the first step compiles every block's graphs (forward and backward)
+                self._compile_logged = True
+                self.metrics.message(f"torch.compile: first step {time.perf_counter() - started:.1f} s, of which "
+                                     f"{compile_seconds():.1f} s compiling; later steps reuse the graphs")
             if not out["finite"]:
                 self._non_finite(out, loader_before)
             self.state.step += 1

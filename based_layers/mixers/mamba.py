@@ -3,13 +3,20 @@
 in_proj: d -> 2*d_inner (x, z); x -> causal depthwise conv (d_conv, with bias) -> SiLU;
 x_proj -> (dt_low [dt_rank], B [N], C [N]); delta = softplus(dt_proj(dt_low)); A = -exp(A_log);
 h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t; y_t = C_t h_t + D x_t; out = out_proj(y * silu(z)).
-`backend: reference` is a plain PyTorch scan; `backend: mamba_ssm` calls mamba-ssm's fused CUDA kernels.
+`backend: reference` is a plain PyTorch scan; `backend: mamba_ssm` calls mamba-ssm's fused CUDA kernels:
+training and plain forwards on `mamba_inner_fn`, prefill (`return_state`) on `selective_scan_fn` with the last
+state, and decode steps (no gradients) on `selective_state_update`, updating the state in place. mamba-ssm's
+scan cannot reset at document starts nor start from a given state: on CUDA such a call with gradients (a
+training run with `data.reset_state_at_doc_boundaries`) raises instead of silently running the sequential
+scan (about 100x slower); without gradients (prefill of left-padded prompts) it runs the reference scan and
+warns once.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -61,8 +68,10 @@ class Mamba(nn.Module):
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, initial_state: dict | None = None,
                 return_state: bool = False):
         """x [B, T, D] -> [B, T, D] (and {"conv": [B, d_inner, d_conv], "ssm": [B, d_inner, N]})."""
-        if self.backend == "mamba_ssm" and doc_ids is None and initial_state is None and not return_state:
-            return self._forward_mamba_ssm(x)
+        if self.backend == "mamba_ssm":
+            if doc_ids is None and initial_state is None:
+                return self._prefill_mamba_ssm(x) if return_state else _mamba_inner(self, x)
+            self._check_scan_fallback(x, doc_ids, initial_state)
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         conv_init = None if initial_state is None else initial_state["conv"][..., 1:]
         xc = F.silu(causal_depthwise_conv(xs, self.conv1d.weight[:, 0], self.conv1d.bias, doc_ids, conv_init))
@@ -73,8 +82,7 @@ class Mamba(nn.Module):
         out = self.out_proj(y)
         if not return_state:
             return out
-        # contiguous: a compact buffer for the mamba-ssm step kernels to update in place
-        return out, {"conv": conv_history(xs, self.d_conv, doc_ids, conv_init).contiguous(), "ssm": h}
+        return out, {"conv": conv_history(xs, self.d_conv, doc_ids, conv_init), "ssm": h}
 
     def _scan(self, u, delta, b, c, doc_ids, h0):
         """Sequential selective scan in fp32. u, delta [B, T, Di]; b, c [B, T, N]; returns y [B, T, Di], h_T."""
@@ -93,40 +101,67 @@ class Mamba(nn.Module):
             ys.append(torch.einsum("bdn,bn->bd", h, c[:, t]))
         return torch.stack(ys, dim=1), h
 
-    def _forward_mamba_ssm(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-        except ImportError as err:
-            raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm package (pip install mamba-ssm "
-                               "causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
-        xz = self.in_proj(x).transpose(1, 2)
-        out = mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                             self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()), None, None,
-                             self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return out
+    def _check_scan_fallback(self, x: torch.Tensor, doc_ids, initial_state) -> None:
+        """backend=mamba_ssm with document resets or an initial state runs the sequential reference scan:
+        an error on CUDA when gradients are on (training), one warning without them (prefill)."""
+        if not x.is_cuda:
+            return
+        what = "document resets (doc_ids)" if doc_ids is not None else "a parallel forward from a given state"
+        msg = (f"model.mamba.backend=mamba_ssm: mamba-ssm's fused scan has no {what}; the sequential reference "
+               "scan would run instead (about 100x slower on GPU)")
+        if torch.is_grad_enabled():
+            raise ValueError(f"{msg}. For training set data.reset_state_at_doc_boundaries=false (as the published "
+                             "Mamba runs), or model.mamba.backend=reference to accept the slow scan.")
+        warnings.warn(f"{msg}: running it for this forward (e.g. the prefill of left-padded prompts).", stacklevel=3)
+
+    def _prefill_mamba_ssm(self, x: torch.Tensor):
+        """Forward with the state after the last token, on mamba-ssm's scan (return_last_state)."""
+        selective_scan_fn = _mamba_ssm("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xc = F.silu(causal_depthwise_conv(xs, self.conv1d.weight[:, 0], self.conv1d.bias))
+        dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_low, self.dt_proj.weight)
+        # selective_scan_fn takes channels-first [B, Di, T] and B, C as [B, N, T]
+        y, last = selective_scan_fn(xc.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()),
+                                    b.transpose(1, 2), c.transpose(1, 2), self.D.float(), z=z.transpose(1, 2),
+                                    delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                                    return_last_state=True)
+        out = self.out_proj(y.transpose(1, 2).to(x.dtype))
+        return out, {"conv": conv_history(xs, self.d_conv), "ssm": last.float().contiguous()}
+
+    def _step_mamba_ssm(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
+        """One token on mamba-ssm's selective_state_update; state["conv"] and state["ssm"] change in place."""
+        update, conv_update = _step_kernels()
+        conv, h = state["conv"], state["ssm"]
+        if reset is not None:
+            conv.masked_fill_(reset.view(-1, 1, 1), 0.0)
+            h.masked_fill_(reset.view(-1, 1, 1), 0.0)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        if conv_update is not None and conv.is_contiguous() and conv.dtype == xs.dtype:
+            # causal-conv1d's one kernel: shift the window in place, convolve, add the bias, SiLU
+            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(conv.dtype)
+            xc = conv_update(xs.contiguous(), conv, self.conv1d.weight[:, 0].to(conv.dtype), bias, "silu")
+        else:
+            conv.copy_(torch.roll(conv, shifts=-1, dims=-1))
+            conv[..., -1] = xs.to(conv.dtype)
+            xc = (conv * self.conv1d.weight[:, 0].to(conv.dtype)).sum(-1)
+            if self.conv1d.bias is not None:
+                xc = xc + self.conv1d.bias.to(xc.dtype)
+            xc = F.silu(xc).to(xs.dtype)
+        dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_low, self.dt_proj.weight)
+        y = update(h, xc, dt, -torch.exp(self.A_log.float()), b, c, D=self.D.float(), z=z,
+                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return self.out_proj(y.to(x.dtype)), {"conv": conv, "ssm": h}
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
         return {"conv": torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)}
 
-    def _use_mamba_ssm_step(self, x: torch.Tensor, state: dict) -> bool:
-        """backend mamba_ssm, CUDA tensors, nothing recorded by autograd (the kernels write the state in place)."""
-        if self.backend != "mamba_ssm" or not x.is_cuda:
-            return False
-        if not torch.is_grad_enabled():
-            return True
-        return not (x.requires_grad or any(t.requires_grad for t in state.values()) or
-                    any(p.requires_grad for p in self.parameters()))
-
     def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
-        """One token x [B, D] -> y [B, D].
-
-        With backend mamba_ssm on CUDA (no autograd): causal-conv1d's `causal_conv1d_update` and mamba-ssm's
-        `selective_state_update` (one kernel each: conv + SiLU; softplus(dt + bias), the state update, C.h + D x
-        and the SiLU(z) gate) update state["conv"] and state["ssm"] in place, as mamba-ssm's own `Mamba.step`.
-        Otherwise the PyTorch form below returns new state tensors.
-        """
-        if self._use_mamba_ssm_step(x, state):
+        """One token x [B, D] -> y [B, D]. backend=mamba_ssm on CUDA without gradients: mamba-ssm's
+        selective_state_update kernel, the state tensors updated in place and returned."""
+        if self.backend == "mamba_ssm" and x.is_cuda and not _records_grad(self, x, state["ssm"]):
             return self._step_mamba_ssm(x, state, reset)
         conv, h = state["conv"], state["ssm"]
         if reset is not None:
@@ -145,35 +180,46 @@ class Mamba(nn.Module):
         y = y.to(x.dtype) * F.silu(z)
         return self.out_proj(y), {"conv": conv, "ssm": h}
 
-    def _step_mamba_ssm(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
-        causal_conv1d_update, selective_state_update = _mamba_ssm_step_kernels()
-        conv, h = state["conv"], state["ssm"]
-        if not (conv.is_contiguous() and h.is_contiguous() and h.dtype == torch.float32):
-            raise ValueError("Mamba.step (backend mamba_ssm) updates the state in place: it needs contiguous "
-                             f"conv and fp32 ssm tensors; got conv {tuple(conv.stride())}, ssm {h.dtype}")
-        if reset is not None:
-            conv.masked_fill_(reset.view(-1, 1, 1), 0.0)
-            h.masked_fill_(reset.view(-1, 1, 1), 0.0)
-        xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xc = causal_conv1d_update(xs.to(conv.dtype).contiguous(), conv, self.conv1d.weight[:, 0].to(conv.dtype),
-                                   None if self.conv1d.bias is None else self.conv1d.bias.to(conv.dtype), "silu")
-        xc = xc.to(xs.dtype)
-        dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt_low, self.dt_proj.weight)  # the kernel adds the bias in fp32 before the softplus
-        a = -torch.exp(self.A_log.float())
-        y = selective_state_update(h, xc, dt, a, b, c, self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True)
-        return self.out_proj(y), {"conv": conv, "ssm": h}
+
+def _records_grad(module: nn.Module, x: torch.Tensor, state: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or state.requires_grad or any(p.requires_grad for p in module.parameters())
+
+
+def _mamba_ssm(module: str, name: str):
+    """`name` from a mamba-ssm module, or a RuntimeError that says how to install it."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm package (pip install mamba-ssm "
+                           "causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
 
 
 @torch.compiler.disable
 @functools.cache
-def _mamba_ssm_step_kernels():
-    """(causal_conv1d_update, selective_state_update), both opaque to torch.compile: a compiled step runs these
-    third-party CUDA/Triton launches as they are (a graph break) instead of tracing into them."""
+def _step_kernels():
+    """(selective_state_update, causal_conv1d_update or None when causal-conv1d is missing), both opaque to
+    torch.compile: a compiled decode step runs these third-party launches as they are (a graph break) instead
+    of tracing into them."""
+    update = _mamba_ssm("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
     try:
         from causal_conv1d import causal_conv1d_update
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    except ImportError as err:
-        raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm and causal-conv1d packages (pip "
-                           "install mamba-ssm causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
-    return torch.compiler.disable(causal_conv1d_update), torch.compiler.disable(selective_state_update)
+    except ImportError:
+        causal_conv1d_update = None
+    conv_update = None if causal_conv1d_update is None else torch.compiler.disable(causal_conv1d_update)
+    return torch.compiler.disable(update), conv_update
+
+
+@torch.compiler.disable
+def _mamba_inner(mixer: Mamba, x: torch.Tensor) -> torch.Tensor:
+    """The whole mixer in mamba-ssm's fused `mamba_inner_fn` (in_proj output -> conv -> x_proj -> scan ->
+    out_proj). Hidden from torch.compile: its CUDA extension calls cannot be traced, so a compiled block
+    runs this one call eagerly and compiles the norms, residuals and MLP around it."""
+    mamba_inner_fn = _mamba_ssm("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn")
+    xz = mixer.in_proj(x).transpose(1, 2)
+    return mamba_inner_fn(xz, mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
+                          mixer.out_proj.weight, mixer.out_proj.bias, -torch.exp(mixer.A_log.float()), None, None,
+                          mixer.D.float(), delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._common import check_backend, check_doc_ids, check_same_device, check_tensor
+from . import ops
 from .reference import short_conv_gated_reference, short_conv_gated_step_reference
 
 __all__ = ["short_conv_gated", "short_conv_gated_reference", "short_conv_gated_step",
@@ -52,9 +53,7 @@ def short_conv_gated(u1: torch.Tensor, u2: torch.Tensor, weight: torch.Tensor, *
         raise ValueError(f"{_OP}: backend='triton' takes {_TRITON_FLOATS}; got {u1.dtype} and weight {weight.dtype}")
     if seqlen == 0:
         raise ValueError(f"{_OP}: empty sequence (T = 0)")
-    from .triton_impl import short_conv_gated_triton
-
-    return short_conv_gated_triton(u1, u2, weight, doc_ids=doc_ids, initial_state=initial_state)
+    return ops.short_conv_gated_triton(u1, u2, weight, doc_ids=doc_ids, initial_state=initial_state)
 
 
 def short_conv_gated_step(u1: torch.Tensor, u2: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, *,
@@ -74,7 +73,4 @@ def short_conv_gated_step(u1: torch.Tensor, u2: torch.Tensor, weight: torch.Tens
     check_backend(op, backend, u1)
     if backend == "reference":
         return short_conv_gated_step_reference(u1, u2, weight, conv_state)
-    from .triton_impl import short_conv_gated_step_triton
-
-    u1, u2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (u1, u2))
-    return short_conv_gated_step_triton(u1, u2, weight, conv_state)
+    return ops.short_conv_gated_step(u1, u2, weight, conv_state)

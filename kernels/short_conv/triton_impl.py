@@ -148,49 +148,36 @@ def _init_strides(init: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if init is None else (init.stride(0), init.stride(1), init.stride(2))
 
 
-class ShortConvGatedFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u1, u2, weight, docs, init):
-        batch, seqlen, channels = u1.shape
-        ks = weight.shape[1]
-        y = new_output(u1.shape, u1.dtype, u1.device)
-        grid = (triton.cdiv(seqlen, BLOCK_T), triton.cdiv(channels, BLOCK_C), batch)
-        _fwd_kernel[grid](u1, u2, weight, docs, init if init is not None else u1, y, seqlen, channels,
-                          u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1), y.stride(0), y.stride(1),
-                          weight.stride(0), weight.stride(1), *_init_strides(init),
-                          KS=ks, BT=BLOCK_T, BC=BLOCK_C, HAS_INIT=init is not None, num_warps=4)
-        ctx.save_for_backward(u1, u2, weight, docs, init)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        u1, u2, weight, docs, init = ctx.saved_tensors
-        batch, seqlen, channels = u1.shape
-        ks = weight.shape[1]
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        du1 = new_output(u1.shape, u1.dtype, u1.device)
-        du2 = new_output(u2.shape, u2.dtype, u2.device)
-        n_t = triton.cdiv(seqlen, BLOCK_T)
-        dw_part = new_output((batch * n_t, ks, channels), torch.float32, u1.device)
-        grid = (n_t, triton.cdiv(channels, BLOCK_C), batch)
-        _bwd_kernel[grid](u1, u2, weight, docs, init if init is not None else u1, dy, du1, du2, dw_part,
-                          seqlen, channels, u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1),
-                          dy.stride(0), dy.stride(1), du1.stride(0), du1.stride(1), du2.stride(0), du2.stride(1),
-                          weight.stride(0), weight.stride(1), *_init_strides(init),
-                          KS=ks, BT=BLOCK_T, BC=BLOCK_C, HAS_INIT=init is not None, num_warps=4)
-        dw = dw_part.sum(0).t().to(weight.dtype)
-        return du1, du2, dw, None, None
+def forward(u1, u2, weight, docs, init):
+    """y [B, T, C] = silu(conv(u1)) * u2 (inputs' last dims contiguous; docs [B, T]; init [B, C, K-1] or None)."""
+    batch, seqlen, channels = u1.shape
+    ks = weight.shape[1]
+    y = new_output(u1.shape, u1.dtype, u1.device)
+    grid = (triton.cdiv(seqlen, BLOCK_T), triton.cdiv(channels, BLOCK_C), batch)
+    _fwd_kernel[grid](u1, u2, weight, docs, init if init is not None else u1, y, seqlen, channels,
+                      u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1), y.stride(0), y.stride(1),
+                      weight.stride(0), weight.stride(1), *_init_strides(init),
+                      KS=ks, BT=BLOCK_T, BC=BLOCK_C, HAS_INIT=init is not None, num_warps=4)
+    return y
 
 
-def short_conv_gated_triton(u1, u2, weight, *, doc_ids=None, initial_state=None):
-    """Triton path of `short_conv_gated` (arguments already validated)."""
-    u1, u2, weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (u1, u2, weight))
-    if doc_ids is None:
-        docs = torch.zeros(u1.shape[:2], dtype=torch.int32, device=u1.device)
-    else:
-        docs = doc_ids.contiguous()
-    init = None if initial_state is None else initial_state.detach()
-    return ShortConvGatedFn.apply(u1, u2, weight, docs, init)
+def backward(dy, u1, u2, weight, docs, init):
+    """du1, du2 [B, T, C] and dweight [C, K] (contiguous) of `forward`."""
+    batch, seqlen, channels = u1.shape
+    ks = weight.shape[1]
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    du1 = new_output(u1.shape, u1.dtype, u1.device)
+    du2 = new_output(u2.shape, u2.dtype, u2.device)
+    n_t = triton.cdiv(seqlen, BLOCK_T)
+    dw_part = new_output((batch * n_t, ks, channels), torch.float32, u1.device)
+    grid = (n_t, triton.cdiv(channels, BLOCK_C), batch)
+    _bwd_kernel[grid](u1, u2, weight, docs, init if init is not None else u1, dy, du1, du2, dw_part,
+                      seqlen, channels, u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1),
+                      dy.stride(0), dy.stride(1), du1.stride(0), du1.stride(1), du2.stride(0), du2.stride(1),
+                      weight.stride(0), weight.stride(1), *_init_strides(init),
+                      KS=ks, BT=BLOCK_T, BC=BLOCK_C, HAS_INIT=init is not None, num_warps=4)
+    dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
+    return du1, du2, dw
 
 
 def short_conv_gated_step_triton(u1, u2, weight, conv_state):

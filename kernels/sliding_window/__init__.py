@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._common import check_backend, check_doc_ids, check_same_device, check_tensor
+from . import ops
 from .reference import (
     sliding_window_attention_dense,
     sliding_window_attention_reference,
@@ -54,9 +55,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"{_OP}: backend='triton' supports head dim <= {_MAX_TRITON_HEAD_DIM}; got {q.shape[-1]}")
     if q.shape[1] == 0:
         raise ValueError(f"{_OP}: empty sequence (T = 0)")
-    from .triton_impl import sliding_window_attention_triton
-
-    return sliding_window_attention_triton(q, k, v, window=window, doc_ids=doc_ids, scale=scale)
+    return ops.sliding_window_attention_triton(q, k, v, window=window, doc_ids=doc_ids, scale=scale)
 
 
 def sliding_window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -91,7 +90,4 @@ def sliding_window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         return sliding_window_step_reference(q, k, v, k_cache, v_cache, pos, scale=scale)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{op}: backend='triton' updates the caches in place; their last dim must be contiguous")
-    from .triton_impl import sliding_window_step_triton
-
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return sliding_window_step_triton(q, k, v, k_cache, v_cache, pos, scale=scale)
+    return ops.sliding_window_step(q, k, v, k_cache, v_cache, pos, q.shape[-1] ** -0.5 if scale is None else float(scale))

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting, last_dim_contiguous, new_output, next_pow2
+from .ops import sliding_window_attention_triton  # noqa: F401  (re-exported: bench/, tests)
 
 LOG2E = 1.4426950408889634
 
@@ -343,40 +344,6 @@ def backward(do, q, k, v, docs, o, lse, window, scale, plan: Plan):
     _bwd_dq_kernel[(triton.cdiv(seqlen, plan.BMB), batch * heads)](*args, dq, *consts, *strides, *_strides3(dq),
                                                                    **meta)
     return dq, dk, dv
-
-
-class SlidingWindowAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, docs, window, scale, plan):
-        o, lse = forward(q, k, v, docs, window, scale, plan)
-        ctx.save_for_backward(q, k, v, docs, o, lse)
-        ctx.window, ctx.scale, ctx.plan = window, scale, plan
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, docs, o, lse = ctx.saved_tensors
-        dq, dk, dv = backward(do, q, k, v, docs, o, lse, ctx.window, ctx.scale, ctx.plan)
-        return dq, dk, dv, None, None, None, None
-
-
-def sliding_window_attention_triton(q, k, v, *, window, doc_ids=None, scale=None, block_m=None, block_n=None,
-                                    num_warps=None, num_stages=None, bwd=None, bwd_block_m=None,
-                                    bwd_block_n=None, bwd_warps=None):
-    """Triton path of `sliding_window_attention` (arguments already validated); block sizes are tunable.
-
-    bwd: backward mode, "split" (default, deterministic) or "fused" (one kernel, dQ by fp32 atomics);
-    bwd_block_m, bwd_block_n, bwd_warps: the backward's tiles and warps (default: the forward's).
-    """
-    batch, seqlen, _, dim = q.shape
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    scale = dim**-0.5 if scale is None else float(scale)
-    if doc_ids is None:
-        docs = torch.zeros(batch, seqlen, dtype=torch.int32, device=q.device)
-    else:
-        docs = doc_ids.contiguous()
-    plan = Plan(dim, block_m, block_n, num_warps, num_stages, bwd, bwd_block_m, bwd_block_n, bwd_warps)
-    return SlidingWindowAttentionFn.apply(q, k, v, docs, int(window), scale, plan)
 
 
 def sliding_window_step_triton(q, k, v, k_cache, v_cache, pos, *, scale=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._common import check_backend, check_doc_ids, check_same_device, check_tensor
+from . import ops
 from .reference import (
     taylor_feature_map,
     taylor_linear_attention_quadratic,
@@ -43,9 +44,7 @@ def taylor_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     if backend == "reference":
         return taylor_linear_attention_reference(q, k, v, eps=eps, doc_ids=doc_ids, initial_state=initial_state,
                                                  output_final_state=output_final_state)
-    from .triton_impl import taylor_linear_attention_triton
-
-    return taylor_linear_attention_triton(q, k, v, eps=eps, doc_ids=doc_ids, initial_state=initial_state,
+    return ops.taylor_linear_attention_triton(q, k, v, eps=eps, doc_ids=doc_ids, initial_state=initial_state,
                                           output_final_state=output_final_state)
 
 
@@ -113,7 +112,5 @@ def taylor_linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"{op}: backend='triton' updates an fp32 contiguous state in place")
     if f > _MAX_TRITON_FEATURE_DIM:
         raise ValueError(f"{op}: backend='triton' supports feature dim <= {_MAX_TRITON_FEATURE_DIM}; got {f}")
-    from .triton_impl import taylor_linear_attention_step_triton
-
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return taylor_linear_attention_step_triton(q, k, v, kv, k_sum, eps)
+    o = ops.taylor_linear_attention_step(q, k, v, kv, k_sum, float(eps))
+    return o, kv, k_sum

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting, last_dim_contiguous, new_output, next_pow2
+from .ops import taylor_linear_attention_triton  # noqa: F401  (re-exported: bench/, tests)
+from .plan import Plan, state_dtype
 
 
 @triton.jit
@@ -476,35 +478,6 @@ def layout(feature_dim: int, block_f: int, device: str) -> Layout:
     return Layout(feature_dim, block_f, device)
 
 
-class Plan:
-    """Block sizes of one call: chunk BC, feature block BF, value blocks BV (forward output), BVS (state
-    passes) and BVB (backward), warps per kernel. Defaults: the fastest of the configurations timed on an
-    H100 (docs/PERFORMANCE.md)."""
-
-    def __init__(self, seqlen: int, feature_dim: int, value_dim: int, chunk_size: int | None = None,
-                 block_f: int | None = None, block_v: int | None = None, block_v_state: int | None = None,
-                 block_v_bwd: int | None = None, num_warps: int | None = None, bwd_warps: int | None = None,
-                 num_stages: int | None = None) -> None:
-        self.F = feature_dim
-        self.FP = max(16, next_pow2(feature_dim))
-        self.BC = chunk_size or 128
-        self.BF = block_f or 32
-        self.NF = 1 + feature_dim + feature_dim * feature_dim
-        self.BV = block_v or min(128, max(16, next_pow2(value_dim)))
-        self.BVS = block_v_state or min(128, max(16, next_pow2(value_dim)))
-        self.NV = triton.cdiv(value_dim, self.BV)
-        self.NVS = triton.cdiv(value_dim, self.BVS)
-        self.BVB = block_v_bwd or min(128, max(16, next_pow2(value_dim)))
-        self.NC = max(1, triton.cdiv(seqlen, self.BC))
-        # 4 warps up to [128 x 64] tiles (Dv <= 64), 8 above: on the H100 at Dv 64 the output kernel takes
-        # 0.36 vs 0.45 ms and the backward 1.07 vs 1.18 ms with 4 (docs/PERFORMANCE.md, third session)
-        self.num_warps = num_warps or (8 if self.BV * self.BC > 8192 else 4)
-        self.bwd_warps = bwd_warps or (8 if self.BVB * self.BC > 8192 else 4)
-        self.inv_sqrt_f = 1.0 / math.sqrt(feature_dim)
-        # software-pipelining depth of the kernels' loops; {} keeps Triton's default
-        self.stages = {} if num_stages is None else {"num_stages": num_stages}
-
-
 def _precision(dtype: torch.dtype) -> dict:
     """Products' precision. PREC: bf16/fp16 operands go to the tensor cores as they are; fp32 operands use
     tf32 on the GPU (about 1e-3 relative) and exact fp32 products in the interpreter, where the CPU tests
@@ -518,10 +491,6 @@ def _precision(dtype: torch.dtype) -> dict:
     # 16-bit inputs: the gathers are exact for any precision; the chain rule's tf32 (2^-11) stays far below
     # the rounding of the 16-bit gradient it feeds
     return {"PREC": "tf32", "SEL_PREC": "tf32", "CHAIN_PREC": "tf32"}
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
@@ -541,7 +510,7 @@ def _state_pass(x, y, docs, den, hh, start, plan: Plan, reverse: bool, want_end:
     lay = layout(plan.F, plan.BF, str(x.device))
     dv = y.shape[-1]
     bh = batch * heads
-    states = new_output((bh, plan.NC, lay.NP, dv), _state_dtype(y.dtype), y.device)
+    states = new_output((bh, plan.NC, lay.NP, dv), state_dtype(y.dtype), y.device)
     zst = new_output((bh, plan.NC, lay.NP), torch.float32, y.device)
     end = None
     if want_end:
@@ -636,54 +605,6 @@ def backward(do, q, k, v, docs, o, den, states, d_final, need_d_initial: bool, p
             d_ks = d_ks + carry[:, :, 0] * lay.antisym(d_final[1])
         d_init = (d_kv.reshape(batch, heads, plan.NF, dv_dim), d_ks.reshape(batch, heads, plan.NF))
     return dq.to(q.dtype), dk.to(k.dtype), dval, d_init
-
-
-class TaylorLinearAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, docs, kv0, ks0, eps, output_final_state, plan):
-        o, den, states, final = forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan)
-        ctx.save_for_backward(q, k, v, docs, o, den, *states)
-        ctx.plan = plan
-        if final is None:
-            return o, None, None
-        return o, final[0], final[1]
-
-    @staticmethod
-    def backward(ctx, do, d_kv, d_ks):
-        q, k, v, docs, o, den, s_states, z_states = ctx.saved_tensors
-        plan = ctx.plan
-        d_final = None
-        if d_kv is not None or d_ks is not None:
-            shape = (q.shape[0], q.shape[2], plan.NF)
-            d_kv = d_kv if d_kv is not None else q.new_zeros((*shape, v.shape[-1]), dtype=torch.float32)
-            d_ks = d_ks if d_ks is not None else q.new_zeros(shape, dtype=torch.float32)
-            d_final = (d_kv, d_ks)
-        need_d_init = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-        dq, dk, dv, d_init = backward(do, q, k, v, docs, o, den, (s_states, z_states), d_final, need_d_init, plan)
-        d_kv0, d_ks0 = d_init if d_init is not None else (None, None)
-        return dq, dk, dv, None, d_kv0, d_ks0, None, None, None
-
-
-def taylor_linear_attention_triton(q, k, v, *, eps=1e-12, doc_ids=None, initial_state=None,
-                                   output_final_state=False, chunk_size=None, block_f=None, block_v=None,
-                                   block_v_state=None, block_v_bwd=None, num_warps=None, bwd_warps=None,
-                                   num_stages=None):
-    """Triton path of `taylor_linear_attention` (arguments already validated); block sizes are tunable."""
-    batch, seqlen, heads, f = q.shape
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    if doc_ids is None:
-        docs = torch.zeros(batch, seqlen, dtype=torch.int32, device=q.device)
-    else:
-        docs = doc_ids.contiguous()
-    plan = Plan(seqlen, f, v.shape[-1], chunk_size, block_f, block_v, block_v_state, block_v_bwd, num_warps,
-                bwd_warps, num_stages)
-    kv0 = ks0 = None
-    if initial_state is not None:
-        kv0, ks0 = initial_state
-    o, kv, ks = TaylorLinearAttentionFn.apply(q, k, v, docs, kv0, ks0, eps, output_final_state, plan)
-    if output_final_state:
-        return o, (kv, ks)
-    return o
 
 
 def taylor_linear_attention_step_triton(q, k, v, kv, k_sum, eps=1e-12):

@@ -38,9 +38,9 @@ def test_triton_backends_match_reference_in_a_model():
 
 
 def test_triton_backend_is_what_runs(monkeypatch):
-    import kernels.short_conv.triton_impl as conv_impl
-    import kernels.sliding_window.triton_impl as swa_impl
-    import kernels.taylor_linear_attn.triton_impl as la_impl
+    import kernels.short_conv.ops as conv_impl
+    import kernels.sliding_window.ops as swa_impl
+    import kernels.taylor_linear_attn.ops as la_impl
 
     calls = []
     for module, name in ((la_impl, "taylor_linear_attention_triton"), (swa_impl, "sliding_window_attention_triton"),

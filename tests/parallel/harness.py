@@ -81,6 +81,9 @@ def train_config(family: str, dp: int = 1, tp: int = 1, pp: int = 1, schedule: s
     par = cfg.parallel
     par.dp, par.tp, par.pp, par.pp_schedule, par.virtual_stages, par.fsdp = dp, tp, pp, schedule, virtual, fsdp
     par.activation_checkpoint = activation_checkpoint
+    # the layout comparisons run eager on GPU too (parallel.compile=auto would compile there);
+    # tests/parallel/test_compile.py covers compiled runs
+    par.compile = "false"
     cfg.optim.lr = 1e-2
     return cfg
 

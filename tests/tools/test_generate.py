@@ -344,33 +344,6 @@ def test_cuda_graph_step_greedy_tokens_equal_eager(family, compile_mode):
     torch.testing.assert_close(graph.logits, eager.logits, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_mamba_ssm_step_kernels_equal_reference_step():
-    """Mamba.step on mamba-ssm's causal_conv1d_update + selective_state_update (in place) vs the PyTorch step."""
-    pytest.importorskip("mamba_ssm")
-    pytest.importorskip("causal_conv1d")
-    model = _gpu_model("mamba")
-    ids = torch.randint(0, 200, (3, 9), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    with torch.inference_mode():
-        _, state = model.prefill(ids)
-        ref_state = [{k: t.clone() for k, t in s.items()} for s in state]
-        for block in model.transformer.layers.values():
-            block.mixer.backend = "mamba_ssm"
-        tensors = [id(t) for s in state for t in s.values()]
-        token = ids[:, -1]
-        for _ in range(6):
-            out, state = model.step(token, state)
-            for block in model.transformer.layers.values():
-                block.mixer.backend = "reference"
-            ref, ref_state = model.step(token, ref_state)
-            for block in model.transformer.layers.values():
-                block.mixer.backend = "mamba_ssm"
-            torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
-            token = ref.argmax(-1)
-        assert [id(t) for s in state for t in s.values()] == tensors, "the kernels update the state in place"
-
-
 @pytest.mark.parametrize("core", ["triton", "reference"])
 def test_static_kv_attention_cores_equal_the_eager_step(core, monkeypatch):
     """StaticKVAttention's split-K decode kernel (and its PyTorch reference) read the padded, bucketed cache in

@@ -1,0 +1,95 @@
+"""Block sizes (tiles) of the Triton kernels per device and shape, and their lookup.
+
+The kernels' built-in defaults (in each Plan) were swept on an H100 (docs/PERFORMANCE.md). A table entry
+overrides some of them for one device kind and one shape; the lookup order of each field is: the caller's
+explicit argument, the entry of this device kind, the entry of "default", the Plan's built-in default.
+
+Keys:
+- LINEAR_ATTN_TILES[kind][(Dv, T)]: value head dim Dv (exact match) and sequence length T (the entry with
+  the largest T <= the call's T, else the smallest T of that Dv). Fields: chunk_size, block_f, block_v,
+  block_v_state, block_v_bwd, num_warps, bwd_warps, num_stages (taylor_linear_attn Plan arguments).
+- SLIDING_WINDOW_TILES[kind][(window, D)]: window and head dim, exact match. Fields: block_m, block_n,
+  num_warps, num_stages, bwd, bwd_block_m, bwd_block_n, bwd_warps (sliding_window Plan arguments).
+
+`python bench/kernels.py --sweep` prints the entries it finds for the device it runs on, in this format.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+LA_FIELDS = ("chunk_size", "block_f", "block_v", "block_v_state", "block_v_bwd", "num_warps", "bwd_warps",
+             "num_stages")
+SWA_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "bwd", "bwd_block_m", "bwd_block_n", "bwd_warps")
+DEVICE_KINDS = ("H100", "H200", "default")
+
+# The H100 entries are the Plans' built-in defaults (its sweeps picked them), so the table holds none.
+LINEAR_ATTN_TILES: dict[str, dict[tuple[int, int], dict]] = {
+    "H100": {},
+    "H200": {},
+    "default": {},
+}
+
+SLIDING_WINDOW_TILES: dict[str, dict[tuple[int, int], dict]] = {
+    "H100": {},
+    "H200": {},
+    "default": {},
+}
+
+
+@functools.cache
+def _cuda_kind(index: int) -> str:
+    name = torch.cuda.get_device_name(index)
+    for kind in DEVICE_KINDS[:-1]:
+        if kind in name:
+            return kind
+    return "default"
+
+
+def device_kind(device: torch.device | str) -> str:
+    """"H100", "H200" (by the CUDA device name) or "default" (other GPUs, CPU, the Triton interpreter)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "default"
+    return _cuda_kind(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _la_entry(table: dict, dv: int, seqlen) -> dict:
+    """The entry of Dv with the largest T <= seqlen (else the smallest T); {} when Dv has none.
+    `seqlen` may be a symbolic size under torch.compile (the comparisons then become guards)."""
+    ts = sorted(t for d, t in table if d == dv)
+    if not ts:
+        return {}
+    below = [t for t in ts if t <= seqlen]
+    return table[(dv, below[-1] if below else ts[0])]
+
+
+def _merge(fields: tuple[str, ...], explicit: dict, *entries: dict) -> dict:
+    """Per field: the explicit value when not None, else the first entry that sets it; unset fields omitted."""
+    out = {}
+    for name in fields:
+        value = explicit.get(name)
+        for entry in entries:
+            if value is not None:
+                break
+            value = entry.get(name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def linear_attn_tiles(device: torch.device | str, value_dim: int, seqlen, **explicit) -> dict:
+    """Plan arguments of taylor_linear_attn for this call: `explicit` (None = not given) over the table."""
+    kind = device_kind(device)
+    tables = (LINEAR_ATTN_TILES.get(kind, {}), LINEAR_ATTN_TILES["default"])
+    return _merge(LA_FIELDS, explicit, *(_la_entry(t, value_dim, seqlen) for t in tables))
+
+
+def sliding_window_tiles(device: torch.device | str, window: int, head_dim: int, **explicit) -> dict:
+    """Plan arguments of sliding_window for this call: `explicit` (None = not given) over the table."""
+    kind = device_kind(device)
+    key = (window, head_dim)
+    return _merge(SWA_FIELDS, explicit, SLIDING_WINDOW_TILES.get(kind, {}).get(key, {}),
+                  SLIDING_WINDOW_TILES["default"].get(key, {}))

@@ -1,0 +1,97 @@
+"""The per-device, per-shape tile tables (kernels/tiles.py): lookup, fallback, and that the kernels read them."""
+
+import pytest
+import torch
+
+from kernels import tiles
+from kernels.taylor_linear_attn.plan import Plan
+
+
+@pytest.fixture
+def tables(monkeypatch):
+    la = {"H200": {(112, 2048): {"num_warps": 4, "num_stages": 3}, (112, 8192): {"chunk_size": 64}},
+          "H100": {}, "default": {(112, 2048): {"block_v": 64, "num_warps": 8}}}
+    swa = {"H200": {(128, 64): {"block_m": 128, "bwd": "fused"}}, "H100": {},
+           "default": {(128, 64): {"block_n": 32}}}
+    monkeypatch.setattr(tiles, "LINEAR_ATTN_TILES", la)
+    monkeypatch.setattr(tiles, "SLIDING_WINDOW_TILES", swa)
+    monkeypatch.setattr(tiles, "device_kind", lambda device: "H200")
+    return la, swa
+
+
+def test_lookup_picks_the_device_entry_then_default_then_nothing(tables):
+    # the H200 entry, with the fields it leaves out taken from "default"
+    assert tiles.linear_attn_tiles("cuda", 112, 2048) == {"block_v": 64, "num_warps": 4, "num_stages": 3}
+    # T between two entries: the largest T at or below it; above the last: the last
+    assert tiles.linear_attn_tiles("cuda", 112, 4096) == {"block_v": 64, "num_warps": 4, "num_stages": 3}
+    assert tiles.linear_attn_tiles("cuda", 112, 16384) == {"chunk_size": 64, "block_v": 64, "num_warps": 8}
+    # below the smallest T: the smallest
+    assert tiles.linear_attn_tiles("cuda", 112, 512) == {"block_v": 64, "num_warps": 4, "num_stages": 3}
+    # a Dv without entries: nothing (the Plan's built-in defaults)
+    assert tiles.linear_attn_tiles("cuda", 64, 2048) == {}
+    # explicit arguments win; None means "not given"
+    assert tiles.linear_attn_tiles("cuda", 112, 2048, num_warps=2, block_v=None)["num_warps"] == 2
+    assert tiles.sliding_window_tiles("cuda", 128, 64) == {"block_m": 128, "block_n": 32, "bwd": "fused"}
+    assert tiles.sliding_window_tiles("cuda", 64, 128) == {}
+
+
+def test_unknown_device_falls_back_to_default(tables, monkeypatch):
+    monkeypatch.setattr(tiles, "device_kind", lambda device: "default")
+    assert tiles.linear_attn_tiles("cuda", 112, 2048) == {"block_v": 64, "num_warps": 8}
+    assert tiles.sliding_window_tiles("cuda", 128, 64) == {"block_n": 32}
+
+
+def test_device_kind_of_cpu_is_default():
+    assert tiles.device_kind("cpu") == "default"
+    assert tiles.device_kind(torch.device("cpu")) == "default"
+
+
+def test_plan_reads_the_table(tables):
+    q, v = torch.zeros(1, 2048, 1, 16, device="meta"), torch.zeros(1, 2048, 1, 112, device="meta")
+    plan = Plan.for_call(q, v, [0] * len(tiles.LA_FIELDS))
+    assert (plan.BV, plan.num_warps, plan.stages) == (64, 4, {"num_stages": 3})
+    # an explicit chunk size (tiles list, in LA_FIELDS order) overrides the table and sets the state count
+    plan = Plan.for_call(q, v, [64] + [0] * (len(tiles.LA_FIELDS) - 1))
+    assert (plan.BC, plan.NC) == (64, 32)
+
+
+def test_swa_plan_reads_the_table(tables):
+    pytest.importorskip("triton")
+    from kernels.sliding_window.ops import _plan
+
+    plan = _plan(torch.zeros(1, 8, 1, 64, device="meta"), 128, [0] * 7, "")
+    assert (plan.BM, plan.BN, plan.bwd) == (128, 32, "fused")
+    assert _plan(torch.zeros(1, 8, 1, 64, device="meta"), 128, [0] * 7, "split").bwd == "split"
+
+
+@pytest.mark.parametrize("table", ["LINEAR_ATTN_TILES", "SLIDING_WINDOW_TILES"])
+def test_shipped_tables_are_well_formed(table):
+    """Every device kind present, keys (int, int), fields the Plans accept, values of the right type."""
+    fields = tiles.LA_FIELDS if table == "LINEAR_ATTN_TILES" else tiles.SWA_FIELDS
+    entries = getattr(tiles, table)
+    assert set(entries) == set(tiles.DEVICE_KINDS)
+    for kind, by_shape in entries.items():
+        for key, entry in by_shape.items():
+            assert isinstance(key, tuple) and len(key) == 2 and all(isinstance(x, int) for x in key), (kind, key)
+            assert set(entry) <= set(fields), (kind, key, entry)
+            for name, value in entry.items():
+                assert isinstance(value, str) if name == "bwd" else (isinstance(value, int) and value > 0), \
+                    (kind, key, name, value)
+
+
+def test_sweep_output_pastes_into_the_table(tables, monkeypatch, capsys):
+    """bench/kernels.py --sweep prints kernels/tiles.py code; run as code it fills the tables the lookup reads."""
+    from bench.kernels import print_tiles
+
+    found = {"kind": "H200", "la": {(64, 2048): {"num_warps": 4}, (64, 8192): {"num_stages": 3}},
+             "swa": {(128, 64): {"block_m": 128, "block_n": 32, "num_warps": 8}}}
+    code = print_tiles(found, "NVIDIA H200")
+    assert code in capsys.readouterr().out
+    namespace = {"LINEAR_ATTN_TILES": {"H200": {}}, "SLIDING_WINDOW_TILES": {"H200": {}}}
+    exec(code, namespace)
+    monkeypatch.setattr(tiles, "LINEAR_ATTN_TILES", {**tiles.LINEAR_ATTN_TILES, **namespace["LINEAR_ATTN_TILES"]})
+    monkeypatch.setattr(tiles, "SLIDING_WINDOW_TILES",
+                        {**tiles.SLIDING_WINDOW_TILES, **namespace["SLIDING_WINDOW_TILES"]})
+    assert tiles.linear_attn_tiles("cuda", 64, 4096) == {"num_warps": 4}
+    assert tiles.linear_attn_tiles("cuda", 64, 8192) == {"num_stages": 3}
+    assert tiles.sliding_window_tiles("cuda", 128, 64) == {"block_m": 128, "block_n": 32, "num_warps": 8}
