@@ -368,3 +368,26 @@ def test_static_kv_attention_cores_equal_the_eager_step(core, monkeypatch):
             step = StaticStep(model, static_state, 3, use_graphs=False)
             static = [step(token).clone() for token in tokens]
     torch.testing.assert_close(torch.stack(static), torch.stack(eager), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_step_on_the_triton_mixers_has_no_graph_break():
+    """The Based mixers' fused steps are custom ops (kernels/*/ops.py): Dynamo traces every block of the
+    compiled decode step whole (no graph break; Triton's interpreter on CPU) and the step equals the eager one."""
+    pytest.importorskip("triton")
+    import torch._dynamo
+
+    model = _based_on_backend("triton")
+    prompts = _prompts()
+    expected = generate(model, prompts, 6, keep_logits=True, pad_id=5)
+    ids, docs = left_pad(prompts, 5, TRITON_DEVICE)
+    logits, state = model.prefill(ids, docs)
+    torch._dynamo.utils.counters.clear()
+    with torch.inference_mode(), static_attention(model, state, ids.shape[1] + 6) as static_state:
+        step = StaticStep(model, static_state, 3, use_graphs=False, compile_mode="dynamo", greedy=True)
+        tokens, outs = [logits[:, -1, :200].argmax(-1)], []
+        for t in range(5):
+            outs.append(step(tokens[0] if t == 0 else None).clone())
+            tokens.append(step.token.clone())
+    assert torch.stack(tokens, 1).tolist() == expected.tokens
+    torch.testing.assert_close(torch.stack(outs, 1)[..., :200], expected.logits[:, 1:], **TRITON_TOL)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
