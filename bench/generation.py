@@ -62,6 +62,8 @@ GIB = 2**30
 FIT_MARGIN_BYTES = 3 * GIB
 # seconds of a model's share of --budget-s kept for its graph check (a compile at one more batch size)
 GRAPH_CHECK_RESERVE_S = 30
+# share of the time budget (after the probe) for the decode grids; the rest is for the "most sequences" phase
+FIT_PHASE_SHARE_GRID = 0.75
 
 
 def model_config(name: str, backend: str, mamba_backend: str = "reference"):
@@ -423,7 +425,7 @@ def _prefill_graph(model, ids: torch.Tensor):
 
 
 @torch.inference_mode()
-def graph_check(model, mode: str, compile_mode: str | None, steps: int = 24) -> dict:
+def graph_check(model, mode: str, compile_mode: str | None, core: str = "sdpa", steps: int = 24) -> dict:
     """tools.generate with the benchmarked step (CUDA graphs, static buffers, compile) vs the eager step."""
     from tools.generate import generate
 
@@ -431,7 +433,13 @@ def graph_check(model, mode: str, compile_mode: str | None, steps: int = 24) -> 
     prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (40, 17, 29, 8)]
     eager = generate(model, prompts, steps, keep_logits=True)
     fast = generate(
-        model, prompts, steps, keep_logits=True, cuda_graph=mode == "graph", compile_mode=compile_mode
+        model,
+        prompts,
+        steps,
+        keep_logits=True,
+        cuda_graph=mode == "graph",
+        compile_mode=compile_mode,
+        attention_core=core,
     )
     same = sum(
         a == b for ra, rb in zip(eager.tokens, fast.tokens, strict=True) for a, b in zip(ra, rb, strict=True)
@@ -684,37 +692,36 @@ def fit_table(rec: Recorder, name: str, model, template: StateTemplate, args) ->
             )
 
 
-def bench_model(rec: Recorder, name: str, args, backends: dict, bandwidth: float, model_end: float) -> None:
-    """Prefill, the decode grid, the most sequences per GPU and the graph check of one model, by `model_end`."""
+def bench_model(
+    rec: Recorder, name: str, args, backends: dict, bandwidth: float, model_end: float, phase: str
+) -> None:
+    """phase "grid": prefill, the decode grid and the graph check of one model; phase "fit": the most sequences
+    per GPU and the decode at that batch. Both by `model_end`."""
     results = rec.results
     model = make_model(CONFIGS[name], "reference", mamba_backend=results["mamba_backend"])
     set_backends(model, backends)
-    results[name] = {
-        "parameters": model.num_parameters(),
-        "weight_bytes_per_step": weight_bytes_per_step(model),
-    }
-    print(f"{name}: {results[name]['parameters']:,} parameters", flush=True)
+    entry = results.setdefault(name, {})
+    entry.update(parameters=model.num_parameters(), weight_bytes_per_step=weight_bytes_per_step(model))
+    print(f"{name} ({phase}): {entry['parameters']:,} parameters", flush=True)
     rec.deadline = model_end
-    if name in ("based", "attn"):  # Mamba's prefill with a state runs the reference scan: not a benchmark
+    if phase == "grid" and name in (
+        "based",
+        "attn",
+    ):  # Mamba's prefill: issue 13's selective_scan_fn, not here
         for batch in args.prefill_batches:
-            rec.guard(results[name], f"prefill_b{batch}", bench_prefill, model, batch, args.prefill_len)
+            rec.guard(entry, f"prefill_b{batch}", bench_prefill, model, batch, args.prefill_len)
             rec.guard(
-                results[name],
-                f"prefill_graph_b{batch}",
-                bench_prefill,
-                model,
-                batch,
-                args.prefill_len,
-                3,
-                True,
+                entry, f"prefill_graph_b{batch}", bench_prefill, model, batch, args.prefill_len, 3, True
             )
     template = StateTemplate(model, args.fill_len)
-    rec.deadline = model_end - GRAPH_CHECK_RESERVE_S  # keep time for the graph check
-    decode_grid(rec, name, model, template, args, bandwidth)
-    fit_table(rec, name, model, template, args)
-    rec.deadline = model_end
-    mode = results[name]["step_mode"]
-    rec.guard(results[name], "graph_check", graph_check, model, mode["mode"], mode["compile"])
+    if phase == "grid":
+        rec.deadline = model_end - GRAPH_CHECK_RESERVE_S  # keep time for the graph check
+        decode_grid(rec, name, model, template, args, bandwidth)
+        rec.deadline = model_end
+        mode = entry["step_mode"]
+        rec.guard(entry, "graph_check", graph_check, model, mode["mode"], mode["compile"], mode["core"])
+    else:
+        fit_table(rec, name, model, template, args)
 
 
 def run(args) -> dict:
@@ -744,16 +751,20 @@ def run(args) -> dict:
     results["mamba_backend"] = "reference" if mamba_error else "mamba_ssm"
     if mamba_error:
         results["mamba_ssm_error"] = mamba_error
-    for i, name in enumerate(args.models):
-        start = time.perf_counter()
-        model_end = start + (end - start) / (len(args.models) - i)  # an equal share of what is left
-        try:
-            bench_model(rec, name, args, backends, bandwidth, model_end)
-        except Exception as err:  # building the model or its state failed: keep the other models
-            results.setdefault(name, {})["error"] = f"{type(err).__name__}: {err}"[:800]
-            print(f"{name}: ERROR {results[name]['error']}", flush=True)
-        results[name]["wall_seconds"] = time.perf_counter() - start
-        torch.cuda.empty_cache()
+    # the grids of every model first: the "most sequences" checks allocate nearly the whole GPU, and a kernel
+    # that faults at such a batch leaves the CUDA context unusable for whatever runs after it
+    grid_end = time.perf_counter() + FIT_PHASE_SHARE_GRID * (end - time.perf_counter())
+    for phase, phase_end in (("grid", grid_end), ("fit", end)):
+        for i, name in enumerate(args.models):
+            start = time.perf_counter()
+            model_end = start + (phase_end - start) / (len(args.models) - i)  # an equal share of what is left
+            try:
+                bench_model(rec, name, args, backends, bandwidth, model_end, phase)
+            except Exception as err:  # building the model or its state failed: keep the other models
+                results.setdefault(name, {})[f"{phase}_error"] = f"{type(err).__name__}: {err}"[:800]
+                print(f"{name}: ERROR {results[name][f'{phase}_error']}", flush=True)
+            results[name][f"{phase}_wall_seconds"] = time.perf_counter() - start
+            torch.cuda.empty_cache()
     rec.deadline = float("inf")
     results["claim_24x"] = claim_24x(results)
     rec.save()

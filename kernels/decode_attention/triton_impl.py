@@ -29,7 +29,8 @@ def _split_kernel(Q, K, V, VALID, ACC, M, L, H, D, limit, chunk, scale,
     h = row % H
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    b64 = b.to(tl.int64)  # a 32k cache of a few dozen rows passes 2^31 elements
+    q = tl.load(Q + b64 * sqb + h * sqh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     m = tl.full([1], -1.0e30, tl.float32)
     l_sum = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
@@ -38,15 +39,15 @@ def _split_kernel(Q, K, V, VALID, ACC, M, L, H, D, limit, chunk, scale,
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < stop
-        ok = tl.load(VALID + b * svalb + offs_n, mask=mask_n, other=0).to(tl.int1) & mask_n
+        ok = tl.load(VALID + b64 * svalb + offs_n, mask=mask_n, other=0).to(tl.int1) & mask_n
         tile = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + b * skb + offs_n[:, None] * skc + h * skh + offs_d[None, :], mask=tile, other=0.0)
+        k = tl.load(K + b64 * skb + offs_n[:, None] * skc + h * skh + offs_d[None, :], mask=tile, other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
         s = tl.where(ok, s, -1.0e30)
         m_new = tl.maximum(m, tl.max(s, axis=0))
         p = tl.where(ok, tl.exp(s - m_new), 0.0)
         alpha = tl.exp(m - m_new)
-        v = tl.load(V + b * svb + offs_n[:, None] * svc + h * svh + offs_d[None, :], mask=tile, other=0.0)
+        v = tl.load(V + b64 * svb + offs_n[:, None] * svc + h * svh + offs_d[None, :], mask=tile, other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
         m = m_new
