@@ -23,14 +23,19 @@ configs/mamba_1b_10b.yaml (d 2048, 46 layers; mamba-ssm's step kernels when the 
 - floor: the decode step's memory-bandwidth bound, (weight bytes read + batch x state bytes read and written
   per step) / the bandwidth of a device-to-device copy measured in the same run. The KV cache counts its
   unpadded head dim and the tokens cached on average over the timed steps.
-- most sequences that fit: per model and context, predicted from the measured per-sequence memory (state plus
-  the step's activations, the slope of peak memory over batch in the grid) and the free memory, then checked by
-  allocating that many sequences and running one eager step (on out-of-memory, a bisection towards the largest
-  batch known to fit, at most --fit-tries tries).
+  Transformer++ reads its cache with the split-K kernel of kernels/decode_attention when it passes the probe
+  (--attn-core; SDPA is timed beside it at two cells).
+- most sequences that fit (after every model's grid, since it fills the GPU): per model and context,
+  predicted from the measured per-sequence memory (state plus the step's activations, the slope of peak memory
+  over batch in the grid) and the free memory, then checked by allocating that many sequences and running one
+  eager step (on out-of-memory, a bisection towards the largest batch known to fit, at most --fit-tries
+  tries); then the decode is timed at that batch (the throughput of a full GPU).
 - prefill: `prefill` (logits of every position + the state) of --prefill-batches x --prefill-len tokens for
-  Based and Transformer++; median of CUDA-event timings.
+  Based and Transformer++, eager and captured as one CUDA graph; median of CUDA-event timings.
 - graph check: greedy tokens of tools.generate with the chosen decode step against the eager `model.step` path.
-Based's mixers run the Triton kernels that pass a probe against their references (a child process).
+- 24x: where Based's decode tokens/s reaches 24x Transformer++'s, at the same batch and per GPU.
+Based's mixers run the Triton kernels that pass a probe against their references (a child process). The run
+keeps to --budget-s (each model an equal share of what is left; later measurements are skipped with a note).
 """
 
 from __future__ import annotations
