@@ -317,7 +317,8 @@ def compiled_regions(mode: str) -> tuple:
         import torch._dynamo
 
         # 3 mixer types (Based) + attention + Mamba regions, each static then dynamic, across contexts
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
         # "dynamo": Dynamo's tracing and graph breaks with the eager backend (no inductor; fast, for CPU tests)
         options = {"backend": "eager"} if mode == "dynamo" else {"mode": mode}
         _COMPILED[mode] = (torch.compile(_block_step, **options), torch.compile(_head_step, **options))
