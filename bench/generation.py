@@ -636,7 +636,7 @@ def attention_ab(rec: Recorder, name: str, model, template: StateTemplate, args,
     the longest cache length: what the split-K kernel changes."""
     entry, mode = rec.results[name], rec.results[name]["step_mode"]
     measured = _decode(rec.results, name)
-    for context in sorted({args.contexts[0], args.contexts[-1]}):
+    for context in sorted({min(args.contexts), max(args.contexts)}):
         batches = [b for (c, b), e in measured.items() if c == context and "tokens_per_second" in e]
         if batches:
             run = (model, template, max(batches), context, args.steps, bandwidth)
@@ -941,7 +941,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="based,attn,mamba")
     parser.add_argument(
-        "--contexts", default="1024,4096,16384,32768", help="cache lengths at the first timed step"
+        "--contexts",
+        default="1024,16384,32768,4096",
+        help="cache lengths at the first timed step, in the order they are measured (a run cut short by "
+        "--budget-s keeps the first ones)",
     )
     parser.add_argument("--batches", default="1,16,64,128")
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps per combination")
@@ -967,7 +970,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-s",
         type=float,
-        default=450,
+        default=420,
         help="wall-clock budget: each model gets an equal share of what is left; measurements "
         "past it are skipped with a note",
     )
