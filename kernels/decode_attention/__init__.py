@@ -21,27 +21,43 @@ _OP = "decode_attention"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
-                     limit: int, scale: float, backend: str = "triton") -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid: torch.Tensor,
+    limit: int,
+    scale: float,
+    backend: str = "triton",
+) -> torch.Tensor:
     """See the module docstring."""
     check_tensor(_OP, "q", q, 3, _FLOATS)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(_OP, name, t, 4, _FLOATS)
     check_tensor(_OP, "valid", valid, 2, (torch.bool,))
     batch, heads, dim = q.shape
-    if k_cache.shape != v_cache.shape or (k_cache.shape[0], k_cache.shape[2]) != (batch, heads) or \
-            k_cache.shape[3] < dim:
-        raise ValueError(f"{_OP}: caches must be [B, C, H, Dc] with B, H = {(batch, heads)} and Dc >= {dim}; got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if (
+        k_cache.shape != v_cache.shape
+        or (k_cache.shape[0], k_cache.shape[2]) != (batch, heads)
+        or k_cache.shape[3] < dim
+    ):
+        raise ValueError(
+            f"{_OP}: caches must be [B, C, H, Dc] with B, H = {(batch, heads)} and Dc >= {dim}; got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     if tuple(valid.shape) != (batch, k_cache.shape[1]) or not 1 <= limit <= k_cache.shape[1]:
-        raise ValueError(f"{_OP}: need valid [B, C] = {(batch, k_cache.shape[1])} and 1 <= limit <= C; got valid "
-                         f"{tuple(valid.shape)}, limit {limit}")
+        raise ValueError(
+            f"{_OP}: need valid [B, C] = {(batch, k_cache.shape[1])} and 1 <= limit <= C; got valid "
+            f"{tuple(valid.shape)}, limit {limit}"
+        )
     check_same_device(_OP, q=q, k_cache=k_cache, v_cache=v_cache, valid=valid)
     check_backend(_OP, backend, q)
     if backend == "reference":
         return decode_attention_reference(q, k_cache, v_cache, valid, limit, scale)
     if q.dtype == torch.float64:
-        raise ValueError(f"{_OP}: backend='triton' takes fp32/bf16/fp16 (use backend='reference' for float64)")
+        raise ValueError(
+            f"{_OP}: backend='triton' takes fp32/bf16/fp16 (use backend='reference' for float64)"
+        )
     if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache)) or valid.stride(-1) != 1:
         raise ValueError(f"{_OP}: backend='triton' needs contiguous last dims")
     from .triton_impl import decode_attention_triton

@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
-                               limit: int, scale: float) -> torch.Tensor:
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid: torch.Tensor,
+    limit: int,
+    scale: float,
+) -> torch.Tensor:
     """q [B, H, D]; k_cache, v_cache [B, C, H, Dc] (Dc >= D; only the first D are read); valid [B, C] bool.
 
     One query per row attends the cache slots s < limit with valid[b, s]: softmax(q.k * scale) v, in fp32

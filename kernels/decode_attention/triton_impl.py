@@ -20,9 +20,32 @@ PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _split_kernel(Q, K, V, VALID, ACC, M, L, H, D, limit, chunk, scale,
-                  sqb, sqh, skb, skc, skh, svb, svc, svh, svalb,
-                  NS, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _split_kernel(
+    Q,
+    K,
+    V,
+    VALID,
+    ACC,
+    M,
+    L,
+    H,
+    D,
+    limit,
+    chunk,
+    scale,
+    sqb,
+    sqh,
+    skb,
+    skc,
+    skh,
+    svb,
+    svc,
+    svh,
+    svalb,
+    NS,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // H
@@ -67,7 +90,9 @@ def _combine_kernel(ACC, M, L, OUT, D, NS, BLOCK_S: tl.constexpr, BLOCK_D: tl.co
     m = tl.load(M + row * NS + offs_s, mask=mask_s, other=-1.0e30)
     l_sum = tl.load(L + row * NS + offs_s, mask=mask_s, other=0.0)
     weight = tl.where(mask_s, tl.exp(m - tl.max(m, axis=0)), 0.0)
-    acc = tl.load(ACC + (row * NS + offs_s[:, None]) * BLOCK_D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    acc = tl.load(
+        ACC + (row * NS + offs_s[:, None]) * BLOCK_D + offs_d[None, :], mask=mask_s[:, None], other=0.0
+    )
     o = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l_sum * weight, axis=0)
     tl.store(OUT + row * D + offs_d, o.to(OUT.dtype.element_ty), mask=offs_d < D)
 
@@ -77,8 +102,14 @@ def split_count(rows: int, limit: int, sms: int) -> int:
     return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, rows), triton.cdiv(limit, BLOCK_N)))
 
 
-def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
-                            limit: int, scale: float) -> torch.Tensor:
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid: torch.Tensor,
+    limit: int,
+    scale: float,
+) -> torch.Tensor:
     """See kernels.decode_attention.decode_attention (same arguments; last dims contiguous)."""
     batch, heads, dim = q.shape
     rows = batch * heads
@@ -91,12 +122,34 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     l_sum = new_output((rows, splits), torch.float32, q.device)
     valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     _split_kernel[(rows, splits)](
-        q, k_cache, v_cache, valid_u8, acc, m, l_sum, heads, dim, limit, chunk, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), valid_u8.stride(0), splits,
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=4,
+        q,
+        k_cache,
+        v_cache,
+        valid_u8,
+        acc,
+        m,
+        l_sum,
+        heads,
+        dim,
+        limit,
+        chunk,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        valid_u8.stride(0),
+        splits,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     out = new_output((batch, heads, dim), q.dtype, q.device)
-    _combine_kernel[(rows,)](acc, m, l_sum, out, dim, splits, BLOCK_S=triton.next_power_of_2(splits),
-                             BLOCK_D=block_d, num_warps=4)
+    _combine_kernel[(rows,)](
+        acc, m, l_sum, out, dim, splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4
+    )
     return out
