@@ -1,11 +1,13 @@
 """Where a decode step's time goes: GPU kernel time per step by kernel, against the CUDA-graph step time.
 
     python bench/profile_decode.py --config based_1b_10b --batch 64 --out runs/bench/profile_decode.json
+    python bench/profile_decode.py --config based_1b_10b --batch 64 --compile default   # the compiled step
 
 Builds the model as bench/generation.py does (random weights, bf16, Triton mixers for Based), prefills a
 --prompt-len prompt, then profiles --steps eager static-buffer steps (tools/generate.py's StaticStep without
 graphs: the same kernels as the graph replays, launched one by one) with torch.profiler, and times the same
-number of graph replays. Prints the kernel time per step (the sum of GPU kernel durations; if it is far below
+number of graph replays. The step is the one bench/generation.py times: the greedy head inside the step, and
+with --compile MODE the torch.compile'd regions (tools.generate.compiled_regions). Prints the kernel time per step (the sum of GPU kernel durations; if it is far below
 the graph step time, the step is bound by per-kernel overheads, not by the kernels) and the kernels that take
 most of it, and writes both as JSON.
 """
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the repository root first: bench/kernels.py would otherwise shadow the `kernels` package
 sys.path.insert(0, str(ROOT))
 
-from bench.generation import make_model  # noqa: E402
+from bench.generation import make_model, mamba_ssm_error  # noqa: E402
 from tools.generate import StaticStep, static_attention  # noqa: E402
 
 
@@ -35,18 +37,20 @@ def _prefilled_state(model, batch: int, prompt_len: int):
     return logits[:, -1].argmax(-1), state
 
 
-def kernel_table(model, batch: int, prompt_len: int, steps: int) -> tuple[list[dict], float]:
+def kernel_table(model, batch: int, prompt_len: int, steps: int, compile_mode: str | None = None
+                 ) -> tuple[list[dict], float]:
     """Per kernel name: calls and GPU microseconds per step, over `steps` eager static steps."""
     token, state = _prefilled_state(model, batch, prompt_len)
     capacity = prompt_len + 2 * steps + 2
-    with torch.no_grad(), static_attention(model, state, capacity) as static_state:
-        step = StaticStep(model, static_state, batch, use_graphs=False)
-        token = step(token).argmax(-1)  # warm-up: Triton compiles outside the profile
+    with torch.inference_mode(), static_attention(model, state, capacity) as static_state:
+        step = StaticStep(model, static_state, batch, use_graphs=False, compile_mode=compile_mode, greedy=True)
+        step(token)  # warm-up: Triton and torch.compile compile outside the profile
+        step()
         torch.cuda.synchronize()
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(steps):
-                token = step(token).argmax(-1)
+                step()
             torch.cuda.synchronize()
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
@@ -60,17 +64,17 @@ def kernel_table(model, batch: int, prompt_len: int, steps: int) -> tuple[list[d
     return rows, sum(r["us_per_step"] for r in rows)
 
 
-def graph_step_ms(model, batch: int, prompt_len: int, steps: int) -> float:
+def graph_step_ms(model, batch: int, prompt_len: int, steps: int, compile_mode: str | None = None) -> float:
     """Mean ms of one CUDA-graph step replay (capture excluded)."""
     token, state = _prefilled_state(model, batch, prompt_len)
-    with torch.no_grad(), static_attention(model, state, prompt_len + steps + 2) as static_state:
-        step = StaticStep(model, static_state, batch, use_graphs=True)
-        token = step(token).argmax(-1)
+    with torch.inference_mode(), static_attention(model, state, prompt_len + steps + 2) as static_state:
+        step = StaticStep(model, static_state, batch, use_graphs=True, compile_mode=compile_mode, greedy=True)
+        step(token)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            token = step(token).argmax(-1)
+            step()
         end.record()
         torch.cuda.synchronize()
     return start.elapsed_time(end) / steps
@@ -83,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--compile", default="off", help="torch.compile mode of the step (off: eager kernels)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "profile_decode.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/profile_decode.py needs a CUDA GPU")
-    model = make_model(args.config, "triton")
-    rows, kernel_us = kernel_table(model, args.batch, args.prompt_len, args.steps)
-    graph_ms = graph_step_ms(model, args.batch, args.prompt_len, args.steps)
+    # Mamba on mamba-ssm's step kernels where they import
+    model = make_model(args.config, "triton", mamba_backend="reference" if mamba_ssm_error() else "mamba_ssm")
+    compile_mode = None if args.compile == "off" else args.compile
+    rows, kernel_us = kernel_table(model, args.batch, args.prompt_len, args.steps, compile_mode)
+    graph_ms = graph_step_ms(model, args.batch, args.prompt_len, args.steps, compile_mode)
     calls = sum(r["calls_per_step"] for r in rows)
     print(f"{args.config} batch {args.batch}: graph step {graph_ms:.3f} ms; GPU kernel time {kernel_us / 1e3:.3f} ms "
           f"per step in {calls:.0f} kernels ({kernel_us / 1e3 / graph_ms:.0%} of the step)")
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['us_per_step'] / kernel_us:.1%} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": args.config, "batch": args.batch, "prompt_len": args.prompt_len,
+                                    "compile": compile_mode,
                                     "steps": args.steps, "device": torch.cuda.get_device_name(),
                                     "graph_step_ms": graph_ms, "kernel_us_per_step": kernel_us,
                                     "kernels": rows}, indent=1))

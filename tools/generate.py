@@ -33,8 +33,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from based_layers.mixers.attention import CausalSelfAttention  # noqa: E402
+from kernels.decode_attention import decode_attention  # noqa: E402
 
 ATTENTION_BUCKET = 128
+# what StaticKVAttention attends the cache with (see its docstring)
+ATTENTION_CORES = ("sdpa", "triton", "reference")
 # the static KV cache's head dim is padded to a multiple of this (SDPA's efficient kernels need it)
 HEAD_DIM_MULTIPLE = 8
 
@@ -106,11 +109,15 @@ def doc_ids_from_attention_mask(attention_mask: torch.Tensor | None) -> torch.Te
 def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None,
              eos_id: int | None = None, pad_id: int = 0, vocab_size: int | None = None,
              generator: torch.Generator | None = None, cuda_graph: bool = False, keep_logits: bool = False,
-             stop_at_eos: bool = True, should_stop=None, check_every: int = 4) -> Generation:
+             stop_at_eos: bool = True, should_stop=None, check_every: int = 4,
+             compile_mode: str | None = None, attention_core: str = "sdpa") -> Generation:
     """Generate `max_new_tokens` per prompt (fewer for a row that emits `eos_id`).
 
     should_stop(rows: list[list[int]]) -> bool, called every `check_every` tokens with the new tokens so
-    far, ends generation early (lm-eval's stop strings).
+    far, ends generation early (lm-eval's stop strings). Whether every row has emitted eos is also read back
+    only every `check_every` tokens (a read is a host-device sync); the rows are cut at their eos either way.
+    compile_mode: with cuda_graph, the step's blocks and head run through torch.compile (StaticStep).
+    attention_core: with cuda_graph, how attention layers read their static KV cache (StaticKVAttention).
 
     model: a based_layers LanguageModel (eval mode, any device/dtype). prompts: token ids per row.
     vocab_size: logits beyond it (padded vocabulary rows) are never sampled (default: model.cfg.vocab_size).
@@ -127,7 +134,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     sync()
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    with _decoder(model, state, batch, input_ids.shape[1] + max_new_tokens, cuda_graph) as step:
+    capacity = input_ids.shape[1] + max_new_tokens
+    with _decoder(model, state, batch, capacity, cuda_graph, compile_mode, attention_core) as step:
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         kept = [] if keep_logits else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -141,7 +149,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
                 finished |= token == eos_id
             out[:, t] = token
             produced = t + 1
-            if t + 1 == max_new_tokens or (eos_id is not None and stop_at_eos and bool(finished.all())):
+            if t + 1 == max_new_tokens:
+                break
+            if eos_id is not None and stop_at_eos and (t + 1) % check_every == 0 and bool(finished.all()):
                 break
             if should_stop is not None and (t + 1) % check_every == 0 and should_stop(out[:, : t + 1].tolist()):
                 break
@@ -161,7 +171,8 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _decoder(model, state, batch: int, capacity: int, cuda_graph: bool):
+def _decoder(model, state, batch: int, capacity: int, cuda_graph: bool, compile_mode: str | None = None,
+             attention_core: str = "sdpa"):
     """Yields step(token [B]) -> logits [B, V]; eager, or CUDA graphs over static buffers."""
     if not cuda_graph:
         holder = {"state": state}
@@ -172,8 +183,8 @@ def _decoder(model, state, batch: int, capacity: int, cuda_graph: bool):
 
         yield eager
         return
-    with static_attention(model, state, capacity) as static_state:
-        yield StaticStep(model, static_state, batch, use_graphs=True)
+    with static_attention(model, state, capacity, attention_core) as static_state:
+        yield StaticStep(model, static_state, batch, use_graphs=True, compile_mode=compile_mode)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -187,50 +198,76 @@ class StaticKVAttention(nn.Module):
     State: k, v [B, C, H, Dp] (C = capacity; Dp = the head dim Dh padded to a multiple of 8 with zeros),
     valid [B, C] bool, length [] long (entries used), next [B] (position of the next token). `limit` (a Python
     int, a multiple of ATTENTION_BUCKET) is how much of the cache the step reads; a CUDA graph is captured per
-    limit. SDPA's memory-efficient kernel (the one that takes a mask) needs a head dim divisible by 8 (4 in
+    limit. `core` picks the attention over the cache: "sdpa" (torch SDPA with a mask), "triton" (the split-K
+    kernel of kernels.decode_attention, which spreads each row's cache over several programs) or "reference".
+    SDPA's memory-efficient kernel (the one that takes a mask) needs a head dim divisible by 8 (4 in
     fp32); otherwise PyTorch takes its math path (the 1.3B Transformer++ has Dh = 70). The zero padding leaves
     q.k unchanged; the softmax scale stays Dh^-0.5 and the output is cut back to Dh.
     """
 
-    def __init__(self, inner: CausalSelfAttention) -> None:
+    def __init__(self, inner: CausalSelfAttention, core: str = "sdpa") -> None:
         super().__init__()
+        if core not in ATTENTION_CORES:
+            raise ValueError(f"StaticKVAttention: core={core!r}; expected one of {ATTENTION_CORES}")
         self.inner = inner
+        self.core = core
         self.limit = ATTENTION_BUCKET
+
+    @staticmethod
+    def allocate(batch: int, capacity: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str) -> dict:
+        """An empty static cache (length 0) of `capacity` tokens, rounded up to a multiple of ATTENTION_BUCKET."""
+        capacity = -(-capacity // ATTENTION_BUCKET) * ATTENTION_BUCKET
+        k = torch.zeros(batch, capacity, heads, padded_head_dim(head_dim), dtype=dtype, device=device)
+        return {"k": k, "v": torch.zeros_like(k), "valid": torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+                "length": torch.tensor(0, device=device), "next": torch.zeros(batch, dtype=torch.long, device=device)}
 
     @staticmethod
     def from_prefill(state: dict, capacity: int) -> dict:
         batch, length, heads, dim = state["k"].shape
-        capacity = -(-capacity // ATTENTION_BUCKET) * ATTENTION_BUCKET
-        k = state["k"].new_zeros(batch, capacity, heads, padded_head_dim(dim))
-        v = torch.zeros_like(k)
-        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=k.device)
-        k[:, :length, :, :dim], v[:, :length, :, :dim] = state["k"], state["v"]
-        valid[:, :length] = state["valid"]
-        return {"k": k, "v": v, "valid": valid, "length": torch.tensor(length, device=k.device),
-                "next": state["next"].clone()}
+        static = StaticKVAttention.allocate(batch, capacity, heads, dim, state["k"].dtype, state["k"].device)
+        static["k"][:, :length, :, :dim], static["v"][:, :length, :, :dim] = state["k"], state["v"]
+        static["valid"][:, :length] = state["valid"]
+        static["length"].fill_(length)
+        static["next"].copy_(state["next"])
+        return static
 
     def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
         if reset is not None:
             raise ValueError("StaticKVAttention: resets inside generation are not supported")
         q, k, v = self.inner._qkv(x.unsqueeze(1), state["next"].unsqueeze(1))
+        y = self.inner.out_proj(self._attend(q, k, v, state))
+        return y, {**state, "length": state["length"] + 1, "next": state["next"] + 1}
+
+    # Opaque to torch.compile: `limit` is a Python int that changes every ATTENTION_BUCKET tokens (a compiled
+    # region would recompile at each), and SDPA gains nothing from fusion. The projections around it stay compiled.
+    @torch.compiler.disable
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict) -> torch.Tensor:
+        """q, k, v [B, 1, H, Dh] of this token: write k, v at slot `length`, attend the first `limit` slots.
+        Returns o [B, H * Dh]."""
         dim, padded = q.shape[-1], state["k"].shape[-1]
         at = state["length"].view(1)
         state["k"][..., :dim].index_copy_(1, at, k.to(state["k"].dtype))
         state["v"][..., :dim].index_copy_(1, at, v.to(state["v"].dtype))
         state["valid"].index_fill_(1, at, True)
         lim = self.limit
+        if self.core != "sdpa":  # kernels.decode_attention reads the cache in place (its first `dim` lanes)
+            o = decode_attention(q[:, 0], state["k"], state["v"], state["valid"], lim, dim**-0.5, backend=self.core)
+            return o.reshape(q.shape[0], -1)
         keys = state["k"][:, :lim].transpose(1, 2).to(q.dtype)
         values = state["v"][:, :lim].transpose(1, 2).to(q.dtype)
         query = F.pad(q, (0, padded - dim)).transpose(1, 2)
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=state["valid"][:, None, None, :lim],
                                            scale=dim**-0.5)
-        y = self.inner.out_proj(o[..., :dim].transpose(1, 2).reshape(x.shape[0], -1))
-        return y, {**state, "length": state["length"] + 1, "next": state["next"] + 1}
+        return o[..., :dim].transpose(1, 2).reshape(q.shape[0], -1)
 
 
 @contextlib.contextmanager
-def static_attention(model, state: list[dict], capacity: int):
-    """Swap every attention mixer for a StaticKVAttention (restored on exit); yields the converted state."""
+def static_attention(model, state: list[dict], capacity: int, core: str = "sdpa"):
+    """Swap every attention mixer for a StaticKVAttention (restored on exit); yields the converted state.
+
+    A layer state that is already static (it has "length", e.g. built by `StaticKVAttention.allocate`) is kept.
+    """
     blocks = list(model.transformer.layers.values())
     swapped = []
     new_state = []
@@ -238,8 +275,9 @@ def static_attention(model, state: list[dict], capacity: int):
         for block, layer_state in zip(blocks, state, strict=True):
             if isinstance(block.mixer, CausalSelfAttention):
                 swapped.append((block, block.mixer))
-                block.mixer = StaticKVAttention(block.mixer)
-                layer_state = StaticKVAttention.from_prefill(layer_state, capacity)
+                block.mixer = StaticKVAttention(block.mixer, core)
+                if "length" not in layer_state:  # a prefill's cache; a static one (benchmarks) is used as is
+                    layer_state = StaticKVAttention.from_prefill(layer_state, capacity)
             new_state.append(layer_state)
         yield new_state
     finally:
@@ -251,16 +289,65 @@ def _flat(state: list[dict]) -> list[torch.Tensor]:
     return [t for layer in state for _, t in sorted(layer.items())]
 
 
+def _block_step(block, x: torch.Tensor, state: dict):
+    """One block's recurrent step: the region that `compiled_regions` compiles (once per mixer type)."""
+    return block.step(x, state)
+
+
+def _head_step(model, h: torch.Tensor, vocab: int, greedy: bool):
+    """Final norm + LM head on h [B, D] -> (logits [B, V_padded], greedy token [B] or None)."""
+    logits = model._head(h)
+    return logits, (logits[:, :vocab].argmax(-1) if greedy else None)
+
+
+_COMPILED: dict[str, tuple] = {}
+
+
+def compiled_regions(mode: str) -> tuple:
+    """(block step, head step) compiled by torch.compile with `mode` ("default", "max-autotune-no-cudagraphs", ...;
+    "dynamo" traces with the eager backend).
+
+    Regional compilation: the block step is one code object for every layer, so Dynamo compiles it once per
+    mixer type (and once more when the batch size first changes, then with a dynamic batch) and reuses it for
+    every layer of that type. Inside a region inductor fuses the residual adds, the fp32 RMSNorms and their
+    casts, the MLP gate and the mixers' elementwise work around the matrix products and the mixer kernels.
+    Not "reduce-overhead": StaticStep captures the CUDA graph itself, over the whole step.
+    """
+    if mode not in _COMPILED:
+        import torch._dynamo
+
+        # 3 mixer types (Based) + attention + Mamba regions, each static then dynamic, across contexts
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+        # "dynamo": Dynamo's tracing and graph breaks with the eager backend (no inductor; fast, for CPU tests)
+        options = {"backend": "eager"} if mode == "dynamo" else {"mode": mode}
+        _COMPILED[mode] = (torch.compile(_block_step, **options), torch.compile(_head_step, **options))
+    return _COMPILED[mode]
+
+
 class StaticStep:
     """model.step on static buffers updated in place; replayed from CUDA graphs (one per attention bucket).
 
     With `use_graphs=False` the same static-buffer step runs eagerly (any device; used by the tests).
+    `compile_mode` runs every block's step and the head through torch.compile (`compiled_regions`) instead of
+    the eager `model.step` (the same computation: embeddings, each block's step, final norm and head).
+    `greedy=True` puts the sampling head inside the step: its argmax is written into the token buffer, so a
+    call without a token continues from the previous greedy token with no host work but the replay.
+    `warm_up_restores=False` restores only the integer bookkeeping (positions, lengths, the token) around the
+    warm-up step before a capture, not the floating-point state (which then holds one more token): for
+    benchmarks, where the values do not matter and a copy of the whole state would not fit at the largest
+    batches.
     """
 
-    def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True) -> None:
+    def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True,
+                 compile_mode: str | None = None, greedy: bool = False, warm_up_restores: bool = True) -> None:
         self.model = model
+        self.warm_up_restores = warm_up_restores
         self.state = state
         self.use_graphs = use_graphs
+        self.compile_mode = compile_mode
+        self.greedy = greedy
+        self.vocab = model.cfg.vocab_size
         device = _flat(state)[0].device
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         blocks = list(model.transformer.layers.values())
@@ -273,12 +360,28 @@ class StaticStep:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
+    def _forward(self) -> tuple[torch.Tensor, torch.Tensor | None, list[dict]]:
+        """-> (logits [B, V], greedy token [B] or None, new state)."""
+        if self.compile_mode is None:
+            logits, new_state = self.model.step(self.token, self.state)
+            return logits, (logits[:, : self.vocab].argmax(-1) if self.greedy else None), new_state
+        block_step, head_step = compiled_regions(self.compile_mode)
+        h = self.model.transformer.embeddings(self.token)
+        new_state = []
+        for block, layer_state in zip(self.model.transformer.layers.values(), self.state, strict=True):
+            h, layer_state = block_step(block, h, layer_state)
+            new_state.append(layer_state)
+        logits, token = head_step(self.model, h, self.vocab, self.greedy)
+        return logits, token, new_state
+
     def _body(self) -> torch.Tensor:
-        logits, new_state = self.model.step(self.token, self.state)
+        logits, token, new_state = self._forward()
         # a tensor the mixer updated in place comes back as itself: nothing to copy
         for static, fresh in zip(_flat(self.state), _flat(new_state), strict=True):
             if static is not fresh:
                 static.copy_(fresh)
+        if token is not None:  # the next step's input, written on the device
+            self.token.copy_(token)
         return logits
 
     def _set_limit(self) -> int:
@@ -297,11 +400,15 @@ class StaticStep:
 
         The step changes the static state, whether a mixer writes it in place or `_body` copies a new value
         into it: every tensor is cloned before (a clone, so that an in-place write cannot reach the copy) and
-        put back after. Not the KV caches: the step only writes their slot at `length`, which the next real
-        step overwrites. (The sliding-window ring is not append-only: the slot pos % window that the step
-        writes still holds a key that the next step reads, so it is saved like the rest.)
+        put back after, the token buffer too (a greedy step overwrites it). Not the KV caches: the step only
+        writes their slot at `length`, which the next real step overwrites. (The sliding-window ring is not
+        append-only: the slot pos % window that the step writes still holds a key that the next step reads,
+        so it is saved like the rest.)
         """
-        saved = [(t, t.clone()) for t in _flat(self.state) if id(t) not in self._append_only]
+        tensors = [t for t in _flat(self.state) if id(t) not in self._append_only] + [self.token]
+        if not self.warm_up_restores:  # the bookkeeping only: positions, lengths, the token
+            tensors = [t for t in tensors if not t.is_floating_point()]
+        saved = [(t, t.clone()) for t in tensors]
         self._body()
         for static, value in saved:
             static.copy_(value)
@@ -311,6 +418,9 @@ class StaticStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._warm_up()
+            # a second run: compiled code may finish its setup (e.g. a recompile) on a later call
+            if self.compile_mode is not None:
+                self._warm_up()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
@@ -318,9 +428,11 @@ class StaticStep:
         self.pool = graph.pool()
         return graph, logits
 
-    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+    def __call__(self, token: torch.Tensor | None = None) -> torch.Tensor:
+        """One step on `token` [B] (or, when None, on the token buffer: the previous greedy token) -> logits."""
         limit = self._set_limit()
-        self.token.copy_(token)
+        if token is not None:
+            self.token.copy_(token)
         if not self.use_graphs:
             logits = self._body()
         else:
@@ -365,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--no-stop-at-eos", action="store_true")
+    parser.add_argument("--compile", default="off",
+                        help="with CUDA graphs: torch.compile mode of the decode step (default, "
+                             "max-autotune-no-cudagraphs, ...; off = eager kernels in the graph)")
     args = parser.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -381,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     result = generate(model, prompts, args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p),
                       eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id, generator=generator, cuda_graph=graphs,
-                      stop_at_eos=not args.no_stop_at_eos)
+                      stop_at_eos=not args.no_stop_at_eos,
+                      compile_mode=None if args.compile == "off" or not graphs else args.compile)
     for text, ids, tokens in zip(args.prompt, prompts, result.tokens, strict=True):
         print(f"{text}{continuation_text(tokenizer, ids, [t for t in tokens if t != tokenizer.eos_id])}")
         print("-" * 40)

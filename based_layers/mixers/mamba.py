@@ -14,6 +14,7 @@ warns once.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -130,18 +131,23 @@ class Mamba(nn.Module):
 
     def _step_mamba_ssm(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
         """One token on mamba-ssm's selective_state_update; state["conv"] and state["ssm"] change in place."""
-        update = _mamba_ssm("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
+        update, conv_update = _step_kernels()
         conv, h = state["conv"], state["ssm"]
         if reset is not None:
             conv.masked_fill_(reset.view(-1, 1, 1), 0.0)
             h.masked_fill_(reset.view(-1, 1, 1), 0.0)
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        conv.copy_(torch.roll(conv, shifts=-1, dims=-1))
-        conv[..., -1] = xs.to(conv.dtype)
-        xc = (conv * self.conv1d.weight[:, 0].to(conv.dtype)).sum(-1)
-        if self.conv1d.bias is not None:
-            xc = xc + self.conv1d.bias.to(xc.dtype)
-        xc = F.silu(xc).to(xs.dtype)
+        if conv_update is not None and conv.is_contiguous() and conv.dtype == xs.dtype:
+            # causal-conv1d's one kernel: shift the window in place, convolve, add the bias, SiLU
+            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(conv.dtype)
+            xc = conv_update(xs.contiguous(), conv, self.conv1d.weight[:, 0].to(conv.dtype), bias, "silu")
+        else:
+            conv.copy_(torch.roll(conv, shifts=-1, dims=-1))
+            conv[..., -1] = xs.to(conv.dtype)
+            xc = (conv * self.conv1d.weight[:, 0].to(conv.dtype)).sum(-1)
+            if self.conv1d.bias is not None:
+                xc = xc + self.conv1d.bias.to(xc.dtype)
+            xc = F.silu(xc).to(xs.dtype)
         dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt_low, self.dt_proj.weight)
         y = update(h, xc, dt, -torch.exp(self.A_log.float()), b, c, D=self.D.float(), z=z,
@@ -190,6 +196,21 @@ def _mamba_ssm(module: str, name: str):
     except ImportError as err:
         raise RuntimeError("model.mamba.backend=mamba_ssm needs the mamba-ssm package (pip install mamba-ssm "
                            "causal-conv1d on a CUDA machine); use backend=reference on CPU") from err
+
+
+@torch.compiler.disable
+@functools.cache
+def _step_kernels():
+    """(selective_state_update, causal_conv1d_update or None when causal-conv1d is missing), both opaque to
+    torch.compile: a compiled decode step runs these third-party launches as they are (a graph break) instead
+    of tracing into them."""
+    update = _mamba_ssm("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
+    try:
+        from causal_conv1d import causal_conv1d_update
+    except ImportError:
+        causal_conv1d_update = None
+    conv_update = None if causal_conv1d_update is None else torch.compiler.disable(causal_conv1d_update)
+    return torch.compiler.disable(update), conv_update
 
 
 @torch.compiler.disable

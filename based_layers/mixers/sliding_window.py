@@ -57,6 +57,16 @@ class SlidingWindowAttention(nn.Module):
         state = self.init_state(batch, k.device, k.dtype, heads=heads)
         lo = max(0, seqlen - self.window)
         pos = positions[:, lo:]
+        if doc_ids is None:
+            # one document per row, the same positions in every row: the last `window` slots are written with
+            # an index tensor (boolean-mask indexing would wait for the GPU to count the entries, a host sync
+            # in the middle of the prefill, and cannot be captured in a CUDA graph)
+            slots = pos[0] % self.window
+            state["k"][:, slots] = k[:, lo:]
+            state["v"][:, slots] = v[:, lo:]
+            state["pos"][:, slots] = pos
+            state["next"] = positions[:, -1] + 1
+            return state
         valid = torch.ones_like(pos, dtype=torch.bool) if doc_ids is None else doc_ids[:, lo:] == doc_ids[:, -1:]
         slots = pos % self.window
         rows = torch.arange(batch, device=k.device).unsqueeze(1).expand_as(slots)

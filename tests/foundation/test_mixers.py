@@ -160,3 +160,19 @@ def test_tied_embeddings_and_init():
     w = model.transformer.layers["0"].mlp.fc2.weight
     assert abs(w.std().item() - 0.02 / (2 * 5) ** 0.5) < 0.003
     assert model.transformer.layers["0"].mixer.in_proj.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("seqlen", [4, 6, 15], ids=["T<W", "T=W", "T>W"])
+def test_window_state_without_doc_ids_equals_one_document(seqlen):
+    """The prefill's ring without doc_ids (index-tensor writes, no host sync) equals the general path's state
+    for one document per row (doc_ids all equal)."""
+    from based_layers.config import SlidingWindowConfig
+    from based_layers.mixers import SlidingWindowAttention
+
+    torch.manual_seed(0)
+    mixer = SlidingWindowAttention(16, SlidingWindowConfig(num_heads=2, window=6, backend="reference")).double()
+    x = torch.randn(2, seqlen, 16, dtype=torch.float64)
+    _, fast = mixer(x, return_state=True)
+    _, general = mixer(x, doc_ids=torch.ones(2, seqlen, dtype=torch.long), return_state=True)
+    for key in ("k", "v", "pos", "next"):
+        torch.testing.assert_close(fast[key], general[key], rtol=0, atol=0)

@@ -130,23 +130,6 @@ def test_generate_cli(native_runs):
     assert "tokens/s" in proc.stderr
 
 
-def test_bench_generation_helpers_on_cpu():
-    """bench/generation.py imports without a GPU; its state-traffic count and table work."""
-    from bench.generation import _state_rw_bytes, table
-
-    model = tiny_model("based")
-    _, state = model.prefill(torch.randint(0, 200, (2, 10)))
-    la = state[1]
-    expected_la = 2 * (la["kv"].numel() + la["k_sum"].numel()) * 4 // 2
-    assert _state_rw_bytes([la], 10, 20) == expected_la
-    results = {"args": {"prefill_len": 64},
-               "based": {"decode_b1": {"tokens_per_second": 300.0, "ms_per_step": 3.3, "floor_ms_per_step": 1.0},
-                         "prefill_b1": {"ms": 2.0, "seconds": 0.002}},
-               "attn": {"decode_b1": {"error": "boom"}, "prefill_b1": {"ms": 3.0, "seconds": 0.003}}}
-    text = table(results)
-    assert "| decode tokens/s, batch 1 | 300 | boom | - |" in text and "1.50x faster" in text
-
-
 def _based_on_backend(backend: str):
     """The tiny Based model (conv, linear attention, sliding window) in float32 with every mixer on `backend`."""
     cfg = tiny_config("based")
@@ -284,3 +267,168 @@ def test_generate_cli_prints_the_whole_sequence_decoded(native_runs, capsys):
     # the model starts some continuation with a word-initial piece "▁x": the case that lost its space
     assert any(tok.processor.id_to_piece(row[0]).startswith("▁") for row in new)
     assert printed == [tok.decode(i + [t for t in n if t != tok.eos_id]) for i, n in zip(ids, new, strict=True)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_head_in_the_step_continues_from_its_own_token(family, monkeypatch):
+    """StaticStep(greedy=True): the step writes its argmax into the token buffer, so calls without a token
+    decode greedily on the device alone; the tokens are generate()'s greedy tokens (eager model.step path)."""
+    monkeypatch.setattr(gen, "ATTENTION_BUCKET", 8)
+    model = tiny_model(family).double()
+    prompts = _prompts()
+    expected = generate(model, prompts, 12).tokens
+    ids, docs = left_pad(prompts, 0)
+    logits, state = model.prefill(ids, docs)
+    with torch.inference_mode(), static_attention(model, state, ids.shape[1] + 12) as static_state:
+        step = StaticStep(model, static_state, 3, use_graphs=False, greedy=True)
+        tokens = [logits[:, -1, :200].argmax(-1)]
+        step(tokens[0])
+        for _ in range(10):
+            tokens.append(step.token.clone())
+            step()
+        tokens.append(step.token.clone())
+    assert torch.stack(tokens, 1).tolist() == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_regional_compiled_step_structure_equals_model_step(family, monkeypatch):
+    """compile_mode runs embeddings -> each block's step -> head through torch.compile'd regions; traced by
+    Dynamo (eager backend: the graph breaks at the KV-cache attention, no inductor) it equals model.step."""
+    monkeypatch.setattr(gen, "ATTENTION_BUCKET", 8)
+    model = tiny_model(family).double()
+    ids, docs = left_pad(_prompts(), 0)
+    steps = 10
+    tokens, eager = _eager_steps(model, ids, docs, steps)
+    _, state = model.prefill(ids, docs)
+    with torch.inference_mode(), static_attention(model, state, ids.shape[1] + steps) as static_state:
+        step = StaticStep(model, static_state, 3, use_graphs=False, compile_mode="dynamo")
+        static = [step(tokens[t]).clone() for t in range(steps)]
+    torch.testing.assert_close(torch.stack(static), torch.stack(eager), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_step_greedy_tokens_equal_eager_on_cpu(monkeypatch):
+    """The real compile (inductor, CPU C++ backend here) of the attention model's step: same greedy tokens, logits
+    within float32 rounding of fused kernels."""
+    monkeypatch.setattr(gen, "ATTENTION_BUCKET", 8)
+    model = tiny_model("attn")
+    prompts = _prompts()
+    eager = generate(model, prompts, 10, keep_logits=True)
+    ids, docs = left_pad(prompts, 0)
+    logits, state = model.prefill(ids, docs)
+    with torch.inference_mode(), static_attention(model, state, ids.shape[1] + 10) as static_state:
+        step = StaticStep(model, static_state, 3, use_graphs=False, compile_mode="default", greedy=True)
+        first = logits[:, -1, :200].argmax(-1)
+        outs, tokens = [step(first).clone()], [first]
+        for _ in range(8):
+            tokens.append(step.token.clone())
+            outs.append(step().clone())
+        tokens.append(step.token.clone())
+    assert torch.stack(tokens, 1).tolist() == eager.tokens
+    torch.testing.assert_close(torch.stack(outs, 1)[..., :200], eager.logits[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_eos_on_the_first_token_ends_the_row_there():
+    """Every row finished: generation stops (all-finished is read back every check_every tokens) and each row
+    is cut at its eos."""
+    model = tiny_model("based").double()
+    prompts = _prompts()
+    free = generate(model, prompts, 12).tokens
+    eos = free[0][0]
+    rows = generate(model, [prompts[0]], 12, eos_id=eos, check_every=4).tokens
+    assert rows == [[eos]]
+
+
+def test_mamba_ssm_backend_steps_on_the_pytorch_form_off_gpu():
+    """backend mamba_ssm: the in-place mamba-ssm step kernels only run on CUDA; on CPU the step is the PyTorch
+    form (same logits as backend reference)."""
+    model = tiny_model("mamba").double()
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+    _, state = model.prefill(ids)
+    token = ids[:, -1]
+    ref, _ = model.step(token, [dict(s) for s in state])
+    for block in model.transformer.layers.values():
+        block.mixer.backend = "mamba_ssm"
+    out, _ = model.step(token, state)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def _gpu_model(family: str):
+    return tiny_model(family).cuda().eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_mode", [None, "default"], ids=["graph", "graph+compile"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graph_step_greedy_tokens_equal_eager(family, compile_mode):
+    """The CUDA-graph decode (static buffers, bucketed KV cache; with compile_mode the torch.compile'd regions
+    inside the graph) gives the eager path's greedy tokens (fp32 tiny models, Triton mixers for Based)."""
+    model = _gpu_model(family)
+    prompts = _prompts()
+    eager = generate(model, prompts, 20, keep_logits=True)
+    graph = generate(model, prompts, 20, keep_logits=True, cuda_graph=True, compile_mode=compile_mode)
+    assert graph.tokens == eager.tokens
+    torch.testing.assert_close(graph.logits, eager.logits, rtol=2e-3, atol=2e-3)
+    # the benchmarked form: the greedy head inside the graph, one replay per token and no host work
+    ids, docs = left_pad(prompts, 0, "cuda")
+    with torch.inference_mode():
+        logits, state = model.prefill(ids, docs)
+        with static_attention(model, state, ids.shape[1] + 20, "triton" if family == "attn" else "sdpa") as st:
+            step = StaticStep(model, st, 3, use_graphs=True, compile_mode=compile_mode, greedy=True)
+            tokens = [logits[:, -1, :200].argmax(-1)]
+            step(tokens[0])
+            for _ in range(18):
+                tokens.append(step.token.clone())
+                step()
+            tokens.append(step.token.clone())
+    assert torch.stack(tokens, 1).tolist() == eager.tokens
+
+
+@pytest.mark.parametrize("core", ["triton", "reference"])
+def test_static_kv_attention_cores_equal_the_eager_step(core, monkeypatch):
+    """StaticKVAttention's split-K decode kernel (and its PyTorch reference) read the padded, bucketed cache in
+    place: the logits equal the eager step's (fp32; Triton's interpreter on CPU), left padding included."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(gen, "ATTENTION_BUCKET", 8)
+    cfg = dataclasses.replace(tiny_config("attn"), d_model=30, attention=AttentionConfig(num_heads=3,
+                                                                                          rotary_fraction=0.5))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval().to(TRITON_DEVICE)
+    ids, docs = left_pad(_prompts(), 0, TRITON_DEVICE)
+    steps = 11
+    tokens = torch.randint(0, 200, (steps, 3), generator=torch.Generator().manual_seed(0)).to(TRITON_DEVICE)
+    with torch.inference_mode():
+        _, state = model.prefill(ids, docs)
+        eager = []
+        for token in tokens:
+            logits, state = model.step(token, state)
+            eager.append(logits)
+        _, state = model.prefill(ids, docs)
+        with static_attention(model, state, ids.shape[1] + steps, core) as static_state:
+            step = StaticStep(model, static_state, 3, use_graphs=False)
+            static = [step(token).clone() for token in tokens]
+    torch.testing.assert_close(torch.stack(static), torch.stack(eager), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_step_on_the_triton_mixers_has_no_graph_break():
+    """The Based mixers' fused steps are custom ops (kernels/*/ops.py): Dynamo traces every block of the
+    compiled decode step whole (no graph break; Triton's interpreter on CPU) and the step equals the eager one."""
+    pytest.importorskip("triton")
+    import torch._dynamo
+
+    model = _based_on_backend("triton")
+    prompts = _prompts()
+    expected = generate(model, prompts, 6, keep_logits=True, pad_id=5)
+    ids, docs = left_pad(prompts, 5, TRITON_DEVICE)
+    logits, state = model.prefill(ids, docs)
+    torch._dynamo.utils.counters.clear()
+    with torch.inference_mode(), static_attention(model, state, ids.shape[1] + 6) as static_state:
+        step = StaticStep(model, static_state, 3, use_graphs=False, compile_mode="dynamo", greedy=True)
+        tokens, outs = [logits[:, -1, :200].argmax(-1)], []
+        for t in range(5):
+            outs.append(step(tokens[0] if t == 0 else None).clone())
+            tokens.append(step.token.clone())
+    assert torch.stack(tokens, 1).tolist() == expected.tokens
+    torch.testing.assert_close(torch.stack(outs, 1)[..., :200], expected.logits[:, 1:], **TRITON_TOL)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
