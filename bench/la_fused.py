@@ -60,10 +60,10 @@ def check_correct() -> list[dict]:
                                                               initial_state=tuple(ref_in[3:]),
                                                               output_final_state=True)
         cot = [torch.randn_like(o_r), 0.01 * torch.randn_like(kv_r), 0.01 * torch.randn_like(ks_r)]
-        g = torch.autograd.grad([o, kv, ks], ins, [c.to(x.dtype) for c, x in zip(cot, (o, kv, ks))])
+        g = torch.autograd.grad([o, kv, ks], ins, [c.to(x.dtype) for c, x in zip(cot, (o, kv, ks), strict=True)])
         g_r = torch.autograd.grad([o_r, kv_r, ks_r], ref_in, cot)
         errs = {"o": rel(o, o_r), "kv": rel(kv, kv_r), "ks": rel(ks, ks_r)}
-        errs.update({n: rel(a, e) for n, a, e in zip(["dq", "dk", "dv", "dkv0", "dks0"], g, g_r)})
+        errs.update({n: rel(a, e) for n, a, e in zip(["dq", "dk", "dv", "dkv0", "dks0"], g, g_r, strict=True)})
         rows.append({"dtype": str(dtype), "dv": dv, "T": t, **errs})
         print(f"correct {dtype} Dv{dv} T{t}: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     return rows
@@ -142,23 +142,26 @@ def sweep_backward(fwd_cfg: dict, quick: bool) -> tuple[dict, list]:
     return best[0], rows
 
 
+def compare_row(dv: int, t: int, cfg: dict, ceil: dict) -> dict:
+    """Fused, chunk-state and SDPA f+b (and the fused forward) at B*T = 32k, 16 heads."""
+    batch = 32768 // t
+    ins = inputs(batch, t, dv)
+    sd = [torch.randn(batch, HEADS, t, dv, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+
+    def fused(q, k, v):
+        return taylor_linear_attention_fused(q, k, v, **cfg)
+
+    row = {"dv": dv, "T": t, "floor_fb": la_floor(32768 * HEADS, dv, ceil)[1]}
+    row["fused_fwd"] = attempt("fused fwd", lambda: time_fwd(fused, ins))
+    row["fused_fb"] = attempt("fused f+b", lambda: time_fb(fused, ins))
+    row["chunked_fb"] = attempt("chunked f+b", lambda: time_fb(taylor_linear_attention_triton, ins))
+    row["sdpa_fb"] = attempt("sdpa", lambda: time_fb(sdpa_causal, sd))
+    print(row, flush=True)
+    return row
+
+
 def compare(cfg: dict, ceil: dict) -> list[dict]:
-    rows = []
-    for dv, t in ((64, 2048), (112, 2048), (128, 2048), (112, 8192)):
-        batch = 32768 // t
-        ins = inputs(batch, t, dv)
-        fused = lambda q, k, v: taylor_linear_attention_fused(q, k, v, **cfg)  # noqa: E731
-        chunked = lambda q, k, v: taylor_linear_attention_triton(q, k, v)  # noqa: E731
-        row = {"dv": dv, "T": t, "floor_fb": la_floor(32768 * HEADS, dv, ceil)[1]}
-        row["fused_fwd"] = attempt("fused fwd", lambda: time_fwd(fused, ins))
-        row["fused_fb"] = attempt("fused f+b", lambda: time_fb(fused, ins))
-        row["chunked_fb"] = attempt("chunked f+b", lambda: time_fb(chunked, ins))
-        sd = [torch.randn(batch, HEADS, t, dv, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
-        row["sdpa_fb"] = attempt("sdpa", lambda: time_fb(sdpa_causal, sd))
-        rows.append(row)
-        print(row, flush=True)
-        del ins, sd
-    return rows
+    return [compare_row(dv, t, cfg, ceil) for dv, t in ((64, 2048), (112, 2048), (128, 2048), (112, 8192))]
 
 
 def table(fwd_rows, best_fwd, cmp_rows) -> str:
