@@ -93,9 +93,29 @@ def attempt(label, thunk):
         return None
 
 
-def sweep_forward(quick: bool) -> tuple[dict, list]:
+def tk_forward(tk_dir: Path | None) -> float | None:
+    """ThunderKittens' `based(q, k, v)` forward at its own shape ([B, H, T, D] layout, numerator and bf16 state
+    only), built by bench/tk_based.sh; None (with the reason printed) where it cannot be imported."""
+    if tk_dir is None:
+        return None
+    sys.path.insert(0, str(tk_dir / "kernels" / "based"))
+    try:
+        from _C import based  # noqa: PLC0415
+    except ImportError as err:
+        print(f"  [TK] not importable ({err}); build it with `bash bench/tk_based.sh {tk_dir}`", flush=True)
+        return None
+    q, k = (torch.randn(16, HEADS, 2048, F, device="cuda", dtype=torch.bfloat16) / F for _ in range(2))
+    v = torch.randn(16, HEADS, 2048, 64, device="cuda", dtype=torch.bfloat16) / 64
+    return bench_ms(lambda: based(q, k, v))
+
+
+def sweep_forward(quick: bool, tk_dir: Path | None) -> tuple[dict, list]:
     ins = inputs(16, 2048, 64)
     rows = []
+    tk = attempt("TK", lambda: tk_forward(tk_dir))
+    if tk is not None:
+        rows.append({"kernel": "ThunderKittens", "fwd_ms": tk})
+        print(f"TK shape fwd: ThunderKittens {tk:.3f} ms", flush=True)
     chunked = time_fwd(lambda q, k, v: taylor_linear_attention_triton(q, k, v), ins)
     rows.append({"kernel": "chunk-state", "fwd_ms": chunked})
     print(f"TK shape fwd: chunk-state {chunked:.3f} ms", flush=True)
@@ -165,9 +185,11 @@ def compare(cfg: dict, ceil: dict) -> list[dict]:
 
 
 def table(fwd_rows, best_fwd, cmp_rows) -> str:
-    tk = [r for r in fwd_rows if r["kernel"] == "chunk-state"][0]["fwd_ms"]
+    chunked = [r for r in fwd_rows if r["kernel"] == "chunk-state"][0]["fwd_ms"]
+    tk = [r["fwd_ms"] for r in fwd_rows if r["kernel"] == "ThunderKittens"]
+    tk_text = f"{tk[0]:.3f} ms (this run)" if tk else "not built (0.200 ms on 2026-12-01)"
     best_ms = min(r["fwd_ms"] for r in fwd_rows if r["kernel"] == "fused")
-    lines = [f"TK shape forward: chunk-state {tk:.3f} ms, fused {best_ms:.3f} ms ({best_fwd}); TK measured 0.200",
+    lines = [f"TK shape forward: chunk-state {chunked:.3f} ms, fused {best_ms:.3f} ms ({best_fwd}); TK {tk_text}",
              "| Dv | T | fused f+b | chunked f+b | SDPA f+b | floor | fused/floor | SDPA/fused |",
              "|---|---|---|---|---|---|---|---|"]
 
@@ -186,12 +208,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="one configuration per sweep")
+    ap.add_argument("--tk-dir", type=Path, default=None, help="ThunderKittens checkout built by bench/tk_based.sh")
     args = ap.parse_args()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
         out["correct"] = check_correct()
         out["ceilings"] = measure_ceilings()
-        best_fwd, out["fwd_sweep"] = sweep_forward(args.quick)
+        best_fwd, out["fwd_sweep"] = sweep_forward(args.quick, args.tk_dir)
         best, out["bwd_sweep"] = sweep_backward(best_fwd, args.quick)
         out["best"] = best
         out["compare"] = compare(best, out["ceilings"])
