@@ -8,7 +8,8 @@ import torch
 
 import kernels._common
 
-TRITON_MODULES = ("kernels.taylor_linear_attn.triton_impl", "kernels.sliding_window.triton_impl",
+TRITON_MODULES = ("kernels.taylor_linear_attn.triton_impl", "kernels.taylor_linear_attn.fused_impl",
+                  "kernels.sliding_window.triton_impl",
                   "kernels.short_conv.triton_impl")
 
 
