@@ -34,6 +34,25 @@ HEADS = 16
 F = 16
 
 
+def _cfg(outer, bc, bv, w, stages=1, nb=None) -> dict:
+    cfg = dict(outer=outer, chunk_size=bc, block_v=bv, num_warps=w, num_stages=stages)
+    return cfg if nb is None else dict(cfg, row_blocks=nb)
+
+
+# forward configurations compiled by bench/triton_resources.py la-fwd --all (registers, spills, wgmma)
+FWD_EXPLORE = ([_cfg("reshape", bc, bv, w) for bc, bv, w in itertools.product((16, 32, 64), (16, 32, 64), (4, 8))]
+               + [_cfg("select", 32, 32, 8)]
+               + [_cfg("split", bc, bv, w, 1, nb) for bc, bv, w, nb in
+                  itertools.product((32, 64), (16, 32, 64), (4, 8), (4, 2))])
+# the forward sweep at TK's shape (15 timings): the spill-free whole-tile builds, the best measured one
+# (reshape 32/32/4: 0.934 ms on the H200), and the row-block split at 64-token chunks (all products on wgmma)
+FWD_CANDIDATES = ([_cfg("reshape", bc, bv, w) for bc, bv, w in ((32, 16, 4), (32, 32, 8), (16, 16, 4), (32, 32, 4),
+                                                                 (64, 32, 8))]
+                  + [_cfg("select", 32, 32, 8)]
+                  + [_cfg("split", 64, bv, w, 1, 4) for bv, w in itertools.product((16, 32, 64), (4, 8))]
+                  + [_cfg("split", 64, 16, 8, 1, 2), _cfg("split", 64, 32, 4, 2, 4), _cfg("split", 32, 16, 4, 1, 4)])
+
+
 def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -42,7 +61,8 @@ def check_correct() -> list[dict]:
     """Output, final state and every gradient of the fused kernels vs the fp32 chunked reference."""
     rows = []
     torch.manual_seed(0)
-    for dtype, dv, t in ((torch.float32, 112, 1000), (torch.bfloat16, 64, 2048), (torch.bfloat16, 112, 777)):
+    for dtype, dv, t, outer in ((torch.float32, 112, 1000, "split"), (torch.bfloat16, 64, 2048, "split"),
+                                (torch.bfloat16, 112, 777, "split"), (torch.bfloat16, 112, 777, "reshape")):
         b, h = 2, 4
         q, k = (torch.randn(b, t, h, F, device="cuda") for _ in range(2))
         v = torch.randn(b, t, h, dv, device="cuda")
@@ -55,7 +75,7 @@ def check_correct() -> list[dict]:
         ins = [x.to(dtype).requires_grad_() for x in (q, k, v)] + [kv0.requires_grad_(), ks0.requires_grad_()]
         ref_in = [x.detach().float().requires_grad_() for x in ins]
         o, (kv, ks) = taylor_linear_attention_fused(*ins[:3], doc_ids=docs, initial_state=tuple(ins[3:]),
-                                                    output_final_state=True)
+                                                    output_final_state=True, outer=outer)
         o_r, (kv_r, ks_r) = taylor_linear_attention_reference(*ref_in[:3], doc_ids=docs,
                                                               initial_state=tuple(ref_in[3:]),
                                                               output_final_state=True)
@@ -64,8 +84,8 @@ def check_correct() -> list[dict]:
         g_r = torch.autograd.grad([o_r, kv_r, ks_r], ref_in, cot)
         errs = {"o": rel(o, o_r), "kv": rel(kv, kv_r), "ks": rel(ks, ks_r)}
         errs.update({n: rel(a, e) for n, a, e in zip(["dq", "dk", "dv", "dkv0", "dks0"], g, g_r, strict=True)})
-        rows.append({"dtype": str(dtype), "dv": dv, "T": t, **errs})
-        print(f"correct {dtype} Dv{dv} T{t}: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+        rows.append({"dtype": str(dtype), "dv": dv, "T": t, "outer": outer, **errs})
+        print(f"correct {dtype} Dv{dv} T{t} {outer}: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     return rows
 
 
@@ -119,11 +139,8 @@ def sweep_forward(quick: bool, tk_dir: Path | None) -> tuple[dict, list]:
     chunked = time_fwd(lambda q, k, v: taylor_linear_attention_triton(q, k, v), ins)
     rows.append({"kernel": "chunk-state", "fwd_ms": chunked})
     print(f"TK shape fwd: chunk-state {chunked:.3f} ms", flush=True)
-    grid = [("select", 32, 32, 4)] if quick else list(itertools.product(("select", "reshape"), (32, 64), (32, 64),
-                                                                         (4, 8)))
     best = None
-    for outer, bc, bv, w in grid:
-        cfg = dict(outer=outer, chunk_size=bc, block_v=bv, num_warps=w, num_stages=1)
+    for cfg in FWD_CANDIDATES[:1] if quick else FWD_CANDIDATES:
         ms = attempt(str(cfg), lambda cfg=cfg: time_fwd(lambda q, k, v: taylor_linear_attention_fused(q, k, v, **cfg),
                                                          ins))
         if ms is None:
@@ -132,7 +149,7 @@ def sweep_forward(quick: bool, tk_dir: Path | None) -> tuple[dict, list]:
         print(f"  fused {cfg}: {ms:.3f} ms", flush=True)
         if best is None or ms < best[1]:
             best = (cfg, ms)
-    for stages in (2,):
+    for stages in (2,) if best[0]["num_stages"] != 2 else ():
         cfg = dict(best[0], num_stages=stages)
         ms = attempt(str(cfg), lambda cfg=cfg: time_fwd(lambda q, k, v: taylor_linear_attention_fused(q, k, v, **cfg),
                                                          ins))
@@ -147,10 +164,10 @@ def sweep_forward(quick: bool, tk_dir: Path | None) -> tuple[dict, list]:
 def sweep_backward(fwd_cfg: dict, quick: bool) -> tuple[dict, list]:
     ins = inputs(16, 2048, 112)
     rows = []
-    grid = [(32, 32, 4)] if quick else list(itertools.product((32, 64), (32, 64), (4,)))
+    grid = [(32, 32, "select")] if quick else list(itertools.product((32, 64), (32, 64), ("select", "reshape")))
     best = None
-    for bc, bvb, w in grid:
-        cfg = dict(fwd_cfg, chunk_size_bwd=bc, block_v_bwd=bvb, bwd_warps=w)
+    for bc, bvb, outer_bwd in grid:
+        cfg = dict(fwd_cfg, chunk_size_bwd=bc, block_v_bwd=bvb, bwd_warps=4, outer_bwd=outer_bwd)
         ms = attempt(str(cfg), lambda cfg=cfg: time_fb(lambda q, k, v: taylor_linear_attention_fused(q, k, v, **cfg),
                                                         ins))
         if ms is None:

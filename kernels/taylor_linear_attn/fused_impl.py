@@ -175,6 +175,155 @@ def _fused_fwd_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
 
 
 @triton.jit
+def _block_selectors(b, R: tl.constexpr, FP: tl.constexpr, dtype: tl.constexpr):
+    """0/1 matrices [FP, R] that pick the factors x_i, x_j of second-order rows b*R .. b*R+R-1 (row i*FP+j)."""
+    r = b * R + tl.arange(0, R)
+    rows = tl.arange(0, FP)
+    # through fp32: the interpreter turns a bool into bf16 bits wrongly
+    return ((rows[:, None] == (r // FP)[None, :]).to(tl.float32).to(dtype),
+            (rows[:, None] == (r % FP)[None, :]).to(tl.float32).to(dtype))
+
+
+@triton.jit
+def _split_block(s2b, z2b, q_r, k_w, v_w, num, den, b, carry, c2, R: tl.constexpr, FP: tl.constexpr,
+                 PREC: tl.constexpr, SEL_PREC: tl.constexpr):
+    """One row block (rows b*R ..) of the second-order state [R, BV] (z2b [R]): its readout by the chunk's
+    queries q_r [BC, FP] (zero on rows that do not read the state) is added to num [BC, BV] and den [BC],
+    then the keys k_w [BC, FP] and values v_w [BC, BV] (zero where they do not write) update it. Both feature
+    tiles come from products with 0/1 selectors (exact), so they stay in the tensor cores' accumulator layout:
+    the queries' [BC, R] feeds the readout as the A operand, the keys' is built transposed [R, BC] to feed
+    the update (M = R rows) without a transpose of the tile."""
+    dt = v_w.dtype
+    sel_i, sel_j = _block_selectors(b, R, FP, q_r.dtype)
+    q2 = _mm(q_r, sel_i, SEL_PREC) * _mm(q_r, sel_j, SEL_PREC) * c2
+    num += _mm(q2.to(dt), s2b.to(dt), PREC)
+    den += tl.sum(q2 * z2b[None, :], axis=1)
+    # (building it [BC, R] and transposing it through shared memory spills more: 400-1200 stack bytes)
+    k_t = tl.trans(k_w)
+    k2t = _mm(tl.trans(sel_i), k_t, SEL_PREC) * _mm(tl.trans(sel_j), k_t, SEL_PREC) * c2
+    s2b = s2b * carry + _mm(k2t.to(dt), v_w, PREC)
+    z2b = z2b * carry + tl.sum(k2t, axis=1)
+    return s2b, z2b, num, den
+
+
+@triton.jit
+def _load_s2_block(BASE, ZBASE, b, offs_v, F: tl.constexpr, FP: tl.constexpr, R: tl.constexpr, DV,
+                   HAS_S0: tl.constexpr, BV: tl.constexpr):
+    """Row block b of the initial second-order state (published layout) [R, BV] and its k_sum [R]."""
+    if HAS_S0:
+        offs_f = tl.arange(0, FP)
+        _, _, p2, _, pz2, _, m2, mv = _state_ptrs(BASE, ZBASE, offs_f, b * R + tl.arange(0, R), offs_v, F, FP, DV)
+        return tl.load(p2, mask=m2[:, None] & mv[None, :], other=0.0), tl.load(pz2, mask=m2, other=0.0)
+    else:
+        return tl.zeros([R, BV], dtype=tl.float32), tl.zeros([R], dtype=tl.float32)
+
+
+@triton.jit
+def _store_s2_block(BASE, ZBASE, b, s2b, z2b, offs_v, F: tl.constexpr, FP: tl.constexpr, R: tl.constexpr, DV,
+                    first_block):
+    offs_f = tl.arange(0, FP)
+    _, _, p2, _, pz2, _, m2, mv = _state_ptrs(BASE, ZBASE, offs_f, b * R + tl.arange(0, R), offs_v, F, FP, DV)
+    tl.store(p2, s2b, mask=m2[:, None] & mv[None, :])
+    if first_block:
+        tl.store(pz2, z2b, mask=m2)
+
+
+@triton.jit
+def _fused_fwd_split_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
+                            T, H, DV, NC, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                            eps, inv_sqrt_f, c1, c2,
+                            F: tl.constexpr, FP: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+                            NB: tl.constexpr, HAS_S0: tl.constexpr, STORE_END: tl.constexpr, PREC: tl.constexpr,
+                            SEL_PREC: tl.constexpr):
+    """As _fused_fwd_kernel, with the second-order state split into NB (2 or 4) row blocks of R = FP*FP/NB
+    rows, each its own loop-carried tensor: per chunk and block, one readout and one update product of
+    moderate size, so only one block's feature tiles are live at a time (registers fit without spilling)."""
+    R: tl.constexpr = FP * FP // NB
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_f = tl.arange(0, FP)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    NF = 1 + F + F * F
+    base0 = KV0 + i_bh.to(tl.int64) * NF * DV
+    zbase0 = KS0 + i_bh.to(tl.int64) * NF
+    p0, p1, _, pz1, _, m1, _, mv = _state_ptrs(base0, zbase0, offs_f, tl.arange(0, FP * FP), offs_v, F, FP, DV)
+    if HAS_S0:
+        s0 = tl.load(p0, mask=mv, other=0.0)
+        s1 = tl.load(p1, mask=m1[:, None] & mv[None, :], other=0.0)
+        z0 = tl.load(zbase0)
+        z1 = tl.load(pz1, mask=m1, other=0.0)
+    else:
+        s0 = tl.zeros([BV], dtype=tl.float32)
+        s1 = tl.zeros([FP, BV], dtype=tl.float32)
+        z0 = 0.0
+        z1 = tl.zeros([FP], dtype=tl.float32)
+    s2a, z2a = _load_s2_block(base0, zbase0, 0, offs_v, F, FP, R, DV, HAS_S0, BV)
+    s2b, z2b = _load_s2_block(base0, zbase0, 1, offs_v, F, FP, R, DV, HAS_S0, BV)
+    s2c, z2c = _load_s2_block(base0, zbase0, 2 % NB, offs_v, F, FP, R, DV, HAS_S0, BV)
+    s2d, z2d = _load_s2_block(base0, zbase0, 3 % NB, offs_v, F, FP, R, DV, HAS_S0, BV)
+    q_off = i_b.to(tl.int64) * sqb + i_h * sqh
+    k_off = i_b.to(tl.int64) * skb + i_h * skh
+    v_off = i_b.to(tl.int64) * svb + i_h * svh
+    o_off = i_b.to(tl.int64) * sob + i_h * soh
+    doc_ptr = DOC + i_b.to(tl.int64) * T
+    dt = V.dtype.element_ty
+    for c in range(NC):
+        t0 = c * BC
+        offs_t = t0 + tl.arange(0, BC)
+        mask_t = offs_t < T
+        q = _load_chunk(Q, q_off, sqt, offs_t, offs_f, mask_t, F)
+        k = _load_chunk(K, k_off, skt, offs_t, offs_f, mask_t, F)
+        v = _load_chunk(V, v_off, svt, offs_t, offs_v, mask_t, DV)
+        doc, doc_prev, doc_last = _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC)
+        x = _mm(q, tl.trans(k), PREC) * inv_sqrt_f
+        keep = (offs_t[:, None] >= offs_t[None, :]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
+        sim = tl.where(keep, 1.0 + x + 0.5 * x * x, 0.0)
+        reads = doc == doc_prev
+        writes = mask_t & (doc == doc_last)
+        carry = (doc_last == doc_prev).to(tl.float32)
+        q_r = tl.where(reads[:, None], q.to(tl.float32), 0.0).to(q.dtype)
+        k_w = tl.where(writes[:, None], k.to(tl.float32), 0.0).to(k.dtype)
+        v_w = tl.where(writes[:, None], v.to(tl.float32), 0.0).to(v.dtype)
+        q1 = q_r.to(tl.float32) * c1
+        num = _mm(sim.to(dt), v, PREC) + _mm(q1.to(dt), s1.to(dt), PREC)
+        num += tl.where(reads[:, None], s0[None, :], 0.0)
+        den = tl.sum(sim, axis=1) + tl.sum(q1 * z1[None, :], axis=1) + tl.where(reads, z0, 0.0) + eps
+        s2a, z2a, num, den = _split_block(s2a, z2a, q_r, k_w, v_w, num, den, 0, carry, c2, R, FP, PREC, SEL_PREC)
+        s2b, z2b, num, den = _split_block(s2b, z2b, q_r, k_w, v_w, num, den, 1, carry, c2, R, FP, PREC, SEL_PREC)
+        if NB == 4:
+            s2c, z2c, num, den = _split_block(s2c, z2c, q_r, k_w, v_w, num, den, 2, carry, c2, R, FP, PREC,
+                                              SEL_PREC)
+            s2d, z2d, num, den = _split_block(s2d, z2d, q_r, k_w, v_w, num, den, 3, carry, c2, R, FP, PREC,
+                                              SEL_PREC)
+        tl.store(OUT + o_off + offs_t[:, None] * sot + offs_v[None, :], (num / den[:, None]).to(OUT.dtype.element_ty),
+                 mask=mask_t[:, None] & mv[None, :])
+        if i_v == 0:
+            tl.store(DEN + i_bh.to(tl.int64) * T + offs_t, den, mask=mask_t)
+        k1 = k_w.to(tl.float32) * c1
+        s1 = s1 * carry + _mm(tl.trans(k1.to(dt)), v_w, PREC)
+        s0 = s0 * carry + tl.sum(v_w.to(tl.float32), axis=0)
+        z1 = z1 * carry + tl.sum(k1, axis=0)
+        z0 = z0 * carry + tl.sum(writes.to(tl.float32), axis=0)
+    if STORE_END:
+        base1 = KV1 + i_bh.to(tl.int64) * NF * DV
+        zbase1 = KS1 + i_bh.to(tl.int64) * NF
+        e0, e1, _, ez1, _, m1, _, mv = _state_ptrs(base1, zbase1, offs_f, tl.arange(0, FP * FP), offs_v, F, FP, DV)
+        tl.store(e0, s0, mask=mv)
+        tl.store(e1, s1, mask=m1[:, None] & mv[None, :])
+        first_block = i_v == 0
+        if first_block:
+            tl.store(zbase1, z0)
+            tl.store(ez1, z1, mask=m1)
+        _store_s2_block(base1, zbase1, 0, s2a, z2a, offs_v, F, FP, R, DV, first_block)
+        _store_s2_block(base1, zbase1, 1, s2b, z2b, offs_v, F, FP, R, DV, first_block)
+        if NB == 4:
+            _store_s2_block(base1, zbase1, 2, s2c, z2c, offs_v, F, FP, R, DV, first_block)
+            _store_s2_block(base1, zbase1, 3, s2d, z2d, offs_v, F, FP, R, DV, first_block)
+
+
+@triton.jit
 def _bwd_intra(q, k, v, g, hh, offs_t, mask_t, doc, inv_sqrt_f, PREC: tl.constexpr):
     """Intra-chunk part of the backward: a = 1 + x + x^2/2 on the kept pairs and dL/dx (this value block's
     share; hh carries the normalizer gradient in value block 0 only)."""
@@ -365,22 +514,33 @@ class FusedPlan:
     def __init__(self, seqlen: int, feature_dim: int, value_dim: int, chunk_size: int | None = None,
                  block_v: int | None = None, block_v_bwd: int | None = None, num_warps: int | None = None,
                  bwd_warps: int | None = None, num_stages: int | None = None,
-                 chunk_size_bwd: int | None = None, outer: str = "select") -> None:
-        if outer not in ("select", "reshape"):
-            raise ValueError(f"taylor_linear_attention: outer={outer!r}; expected 'select' or 'reshape'")
+                 chunk_size_bwd: int | None = None, outer: str = "split", row_blocks: int = 4,
+                 outer_bwd: str | None = None) -> None:
+        if outer not in ("select", "reshape", "split"):
+            raise ValueError(f"taylor_linear_attention: outer={outer!r}; expected 'select', 'reshape' or 'split'")
+        if row_blocks not in (2, 4):
+            raise ValueError(f"taylor_linear_attention: row_blocks={row_blocks}; expected 2 or 4")
+        outer_bwd = outer_bwd or (outer if outer != "split" else "select")
+        if outer_bwd not in ("select", "reshape"):
+            raise ValueError(f"taylor_linear_attention: outer_bwd={outer_bwd!r}; expected 'select' or 'reshape'")
         self.outer = outer
+        self.outer_bwd = outer_bwd
+        self.row_blocks = row_blocks
         self.F = feature_dim
         self.FP = max(16, next_pow2(feature_dim))
         self.NF = 1 + feature_dim + feature_dim * feature_dim
         self.BC = chunk_size or 64
-        self.BV = block_v or min(64, max(16, next_pow2(value_dim)))
+        # split: 32-wide value blocks and 4 warps (the least spilling of its 64-token configurations, 512
+        # programs at B*H 256, Dv 64); the whole-tile builds keep their earlier defaults
+        split = outer == "split"
+        self.BV = block_v or min(32 if split else 64, max(16, next_pow2(value_dim)))
         self.BVB = block_v_bwd or min(32, max(16, next_pow2(value_dim)))
         self.NV = triton.cdiv(value_dim, self.BV)
         self.NVB = triton.cdiv(value_dim, self.BVB)
         self.BCB = chunk_size_bwd or self.BC
         self.NC = max(1, triton.cdiv(seqlen, self.BC))
         self.NCB = max(1, triton.cdiv(seqlen, self.BCB))
-        self.num_warps = num_warps or 8
+        self.num_warps = num_warps or (4 if split else 8)
         self.bwd_warps = bwd_warps or 8
         self.inv_sqrt_f = 1.0 / math.sqrt(feature_dim)
         self.c1 = feature_dim**-0.25
@@ -401,13 +561,21 @@ def fused_forward(q, k, v, docs, eps, kv0, ks0, output_final_state: bool, plan: 
                  new_output((batch, heads, plan.NF), torch.float32, v.device))
     s0 = (kv0.float().contiguous(), ks0.float().contiguous()) if kv0 is not None else (den, den)
     s1 = final if final is not None else (den, den)
-    prec = _precision(v.dtype)
-    _fused_fwd_kernel[(plan.NV, bh)](
+    kernel, consts = forward_kernel(plan, _precision(v.dtype), kv0 is not None, final is not None)
+    kernel[(plan.NV, bh)](
         q, k, v, docs, o, den, *s0, *s1, seqlen, heads, dv, plan.NC, *_strides3(q), *_strides3(k), *_strides3(v),
-        *_strides3(o), eps, plan.inv_sqrt_f, plan.c1, plan.c2, F=plan.F, FP=plan.FP, BC=plan.BC, BV=plan.BV,
-        HAS_S0=kv0 is not None, STORE_END=final is not None, PREC=prec["PREC"], SEL_PREC=prec["SEL_PREC"],
-        OUTER=plan.outer, num_warps=plan.num_warps, **plan.stages)
+        *_strides3(o), eps, plan.inv_sqrt_f, plan.c1, plan.c2, **consts)
     return o, den, final
+
+
+def forward_kernel(plan: FusedPlan, prec: dict, has_s0: bool, store_end: bool):
+    """The forward kernel of a plan and its compile-time arguments (num_warps / num_stages included); also
+    what bench/triton_resources.py compiles."""
+    consts = dict(F=plan.F, FP=plan.FP, BC=plan.BC, BV=plan.BV, HAS_S0=has_s0, STORE_END=store_end,
+                  PREC=prec["PREC"], SEL_PREC=prec["SEL_PREC"], num_warps=plan.num_warps, **plan.stages)
+    if plan.outer == "split":
+        return _fused_fwd_split_kernel, dict(consts, NB=plan.row_blocks)
+    return _fused_fwd_kernel, dict(consts, OUTER=plan.outer)
 
 
 def fused_backward(do, q, k, v, docs, o, den, kv0, ks0, d_final, need_d_initial: bool, plan: FusedPlan):
@@ -431,7 +599,7 @@ def fused_backward(do, q, k, v, docs, o, den, kv0, ks0, d_final, need_d_initial:
     prec = _precision(v.dtype)
     common = (seqlen, heads, dv_dim, plan.NCB, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
               *dq_part.stride()[:4])
-    consts = dict(F=plan.F, FP=plan.FP, BC=plan.BCB, BV=plan.BVB, **prec, OUTER=plan.outer, num_warps=plan.bwd_warps,
+    consts = dict(F=plan.F, FP=plan.FP, BC=plan.BCB, BV=plan.BVB, **prec, OUTER=plan.outer_bwd, num_warps=plan.bwd_warps,
                   **plan.stages)
     s0 = (kv0.float().contiguous(), ks0.float().contiguous()) if kv0 is not None else (den, den)
     _fused_bwd_dq_kernel[(plan.NVB, bh)](q, k, v, docs, do, den, hh, *s0, dq_part, *common, plan.inv_sqrt_f,
@@ -475,8 +643,11 @@ class FusedTaylorLinearAttentionFn(torch.autograd.Function):
 def taylor_linear_attention_fused(q, k, v, *, eps=1e-12, doc_ids=None, initial_state=None,
                                   output_final_state=False, chunk_size=None, block_v=None, block_v_bwd=None,
                                   num_warps=None, bwd_warps=None, num_stages=None, chunk_size_bwd=None,
-                                  outer="select"):
-    """Fused Triton path of `taylor_linear_attention` (arguments already validated); block sizes tunable."""
+                                  outer="split", row_blocks=4, outer_bwd=None):
+    """Fused Triton path of `taylor_linear_attention` (arguments already validated); block sizes tunable.
+    outer: how the forward builds the second-order features ("select", "reshape": the whole [BC, FP*FP] tile;
+    "split": the state in `row_blocks` row blocks, each with its own tiles); outer_bwd: the backward's
+    ("select" or "reshape"; by default outer, or "select" after a split forward)."""
     batch, seqlen, heads, f = q.shape
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     if doc_ids is None:
@@ -484,7 +655,7 @@ def taylor_linear_attention_fused(q, k, v, *, eps=1e-12, doc_ids=None, initial_s
     else:
         docs = doc_ids.contiguous()
     plan = FusedPlan(seqlen, f, v.shape[-1], chunk_size, block_v, block_v_bwd, num_warps, bwd_warps, num_stages,
-                     chunk_size_bwd, outer)
+                     chunk_size_bwd, outer, row_blocks, outer_bwd)
     kv0 = ks0 = None
     if initial_state is not None:
         kv0, ks0 = initial_state

@@ -23,7 +23,8 @@ def _decorate_for_interpreter() -> None:
 
     for name in TRITON_MODULES:
         module = sys.modules.get(name) or importlib.import_module(name)
-        if not isinstance(module._fwd_kernel, InterpretedFunction):
+        kernel = getattr(module, "_fwd_kernel", None) or module._fused_fwd_kernel
+        if not isinstance(kernel, InterpretedFunction):
             importlib.reload(module)
 
 

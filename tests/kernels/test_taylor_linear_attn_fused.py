@@ -17,6 +17,9 @@ from kernels.taylor_linear_attn.fused_impl import taylor_linear_attention_fused
 CASES = [
     (2, 63, 2, 16, 40, [5, 1, 30], torch.float32, 16, 32, "select"),
     (1, 77, 1, 8, 24, [20, 40], torch.bfloat16, 32, 16, "reshape"),
+    # second-order state in 4 / 2 row blocks (F 8 pads to FP 16: blocks of 64 / 128 rows, zero rows masked)
+    (2, 63, 2, 16, 40, [5, 1, 30], torch.float32, 16, 32, "split"),
+    (1, 77, 1, 8, 24, [20, 40], torch.bfloat16, 32, 16, "split2"),
 ]
 
 
@@ -30,7 +33,8 @@ def test_fused_matches_float64_with_documents_and_state(case):
     b, t, h, f, dv, docs, dtype, bc, bcb, outer = case
     torch.manual_seed(0)
     doc_ids = packed_doc_ids(b, t, docs)
-    blocks = dict(chunk_size=bc, chunk_size_bwd=bcb, block_v=16, block_v_bwd=16, outer=outer)
+    split = dict(split=dict(outer="split", row_blocks=4), split2=dict(outer="split", row_blocks=2))
+    blocks = dict(chunk_size=bc, chunk_size_bwd=bcb, block_v=16, block_v_bwd=16, **split.get(outer, dict(outer=outer)))
     (q, k, v), (q64, k64, v64) = leaves([torch.randn(b, t, h, f, device=DEVICE) for _ in range(2)]
                                         + [torch.randn(b, t, h, dv, device=DEVICE)], dtype)
     o = taylor_linear_attention_fused(q, k, v, doc_ids=doc_ids, **blocks)
