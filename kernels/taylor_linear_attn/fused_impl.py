@@ -10,6 +10,10 @@ as it is): s0 [BV] (sum of v), s1 [FP, BV] (first-order rows, x / F^(1/4)), s2 [
 x_i x_j / sqrt(2F), row i*FP+j), and z0, z1 [FP], z2 [FP*FP] for the normalizer. F < FP pads with zero
 features. The second-order feature tile of a chunk is the outer product x[:, :, None] * x[:, None, :]
 reshaped to [BC, FP*FP]: built once per chunk, then used by one product each way.
+The split forward (outer="split", the default; _fused_fwd_split_kernel) holds s2 as 2 or 4 row blocks, each a
+loop-carried [FP*FP/NB, BV] tensor, and builds each block's feature tiles by products with 0/1 selectors, so
+that at 64-token chunks every product is a Hopper wgmma and only one block's tiles are live at a time
+(bench/triton_resources.py la-fwd prints what each configuration costs in registers, spills and smem).
 
 Backward, in the same form: a forward-in-time pass rebuilds the state and gives dq; a reverse pass carries
 the state's gradient dS and gives dk and dv. Nothing per chunk goes through HBM.
