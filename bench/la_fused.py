@@ -164,10 +164,13 @@ def sweep_forward(quick: bool, tk_dir: Path | None) -> tuple[dict, list]:
 def sweep_backward(fwd_cfg: dict, quick: bool) -> tuple[dict, list]:
     ins = inputs(16, 2048, 112)
     rows = []
-    grid = [(32, 32, "select")] if quick else list(itertools.product((32, 64), (32, 64), ("select", "reshape")))
+    # 8 warps: the local compile (bench/triton_resources.py la-bwd) spills far less than at 4 (select 32/32:
+    # dq 0 / dkv 296 stack bytes vs 792 / 1384)
+    grid = [(32, 32, "select", 8)] if quick else list(itertools.product((32, 64), (32,), ("select", "reshape"),
+                                                                         (4, 8)))
     best = None
-    for bc, bvb, outer_bwd in grid:
-        cfg = dict(fwd_cfg, chunk_size_bwd=bc, block_v_bwd=bvb, bwd_warps=4, outer_bwd=outer_bwd)
+    for bc, bvb, outer_bwd, w in grid:
+        cfg = dict(fwd_cfg, chunk_size_bwd=bc, block_v_bwd=bvb, bwd_warps=w, outer_bwd=outer_bwd)
         ms = attempt(str(cfg), lambda cfg=cfg: time_fb(lambda q, k, v: taylor_linear_attention_fused(q, k, v, **cfg),
                                                         ins))
         if ms is None:
