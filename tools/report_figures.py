@@ -22,8 +22,10 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as err:
-        raise SystemExit("report: matplotlib is needed for the figures: pip install matplotlib "
-                         "(or `make setup`, which installs the 'report' extra)") from err
+        raise SystemExit(
+            "report: matplotlib is needed for the figures: pip install matplotlib "
+            "(or `make setup`, which installs the 'report' extra)"
+        ) from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -44,7 +46,7 @@ def _loss_ylim(runs) -> tuple[float, float] | None:
     values = []
     for run in runs:
         train = [v for v in run.train.values if math.isfinite(v)]
-        values += train[len(train) // 10:] + [v for v in run.val.values if math.isfinite(v)]
+        values += train[len(train) // 10 :] + [v for v in run.val.values if math.isfinite(v)]
     if not values:
         return None
     low, high = min(values), max(values)
@@ -69,8 +71,10 @@ def loss_figure(runs, path: Path) -> Path:
         if run.val.tokens:
             ax.plot(run.val.tokens, run.val.values, color=color, linestyle="--", marker="o", markersize=4)
         handles.append(Line2D([], [], color=color, linewidth=2, label=label))
-    handles += [Line2D([], [], color="gray", linewidth=1.2, label="training loss"),
-                Line2D([], [], color="gray", linestyle="--", marker="o", markersize=4, label="validation loss")]
+    handles += [
+        Line2D([], [], color="gray", linewidth=1.2, label="training loss"),
+        Line2D([], [], color="gray", linestyle="--", marker="o", markersize=4, label="validation loss"),
+    ]
     ax.xaxis.set_major_formatter(FuncFormatter(format_tokens))
     limits = _loss_ylim(runs)
     if limits:
@@ -102,25 +106,49 @@ def state_recall_figure(points: list[dict], path: Path) -> Path:
     for p in points:
         color = FAMILY_COLORS.get(p["family"], "tab:gray")
         face = "none" if p["published"] else color
-        ax.scatter(p["state_bytes"], p["accuracy"], marker=TASK_MARKERS[p["task"]], s=60, edgecolors=color,
-                   facecolors=face, linewidths=1.5, zorder=3)
+        ax.scatter(
+            p["state_bytes"],
+            p["accuracy"],
+            marker=TASK_MARKERS[p["task"]],
+            s=60,
+            edgecolors=color,
+            facecolors=face,
+            linewidths=1.5,
+            zorder=3,
+        )
     _label_models(ax, points)
     ax.set_xscale("log")
     ax.margins(x=0.12)  # room for the rightmost label
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: _bytes(v)))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
-    ax.set_xlabel("recurrent state per sequence at inference (log scale; attention: KV cache at the training length)")
+    ax.set_xlabel(
+        "recurrent state per sequence at inference (log scale; attention: KV cache at the training length)"
+    )
     ax.set_ylabel("recall accuracy (%)")
     ax.set_title("Recall against recurrent state size")
     ax.grid(True, alpha=0.3, which="both")
     families = sorted({p["family"] for p in points})
     tasks = [t for t in TASK_MARKERS if any(p["task"] == t for p in points)]
-    handles = [Line2D([], [], color=FAMILY_COLORS.get(f, "tab:gray"), marker="o", linestyle="", label=_arch(f))
-               for f in families]
-    handles += [Line2D([], [], color="black", marker=TASK_MARKERS[t], linestyle="", label=TASK_NAMES[t]) for t in tasks]
-    handles += [Line2D([], [], color="black", marker="o", linestyle="", label="ours (filled)"),
-                Line2D([], [], color="black", marker="o", markerfacecolor="none", linestyle="",
-                       label="published (hollow)")]
+    handles = [
+        Line2D([], [], color=FAMILY_COLORS.get(f, "tab:gray"), marker="o", linestyle="", label=_arch(f))
+        for f in families
+    ]
+    handles += [
+        Line2D([], [], color="black", marker=TASK_MARKERS[t], linestyle="", label=TASK_NAMES[t])
+        for t in tasks
+    ]
+    handles += [
+        Line2D([], [], color="black", marker="o", linestyle="", label="ours (filled)"),
+        Line2D(
+            [],
+            [],
+            color="black",
+            marker="o",
+            markerfacecolor="none",
+            linestyle="",
+            label="published (hollow)",
+        ),
+    ]
     ax.legend(handles=handles, loc="best", fontsize=9, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -137,8 +165,13 @@ def _label_models(ax, points: list[dict]) -> None:
         # a faint stem ties a model's task markers (and its label) together
         ax.vlines(state, min(accs), max(accs), colors="lightgray", linewidths=1, zorder=1)
         above = i % 2 == 0
-        ax.annotate(label, (state, max(accs) if above else min(accs)), textcoords="offset points",
-                    xytext=(6, 7 if above else -13), fontsize=8)
+        ax.annotate(
+            label,
+            (state, max(accs) if above else min(accs)),
+            textcoords="offset points",
+            xytext=(6, 7 if above else -13),
+            fontsize=8,
+        )
 
 
 def _arch(family: str) -> str:

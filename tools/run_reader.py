@@ -145,8 +145,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], list[str]]:
             if number == len(lines):
                 warnings.append(f"{path}:{number}: incomplete last line skipped (a run writing it?)")
                 continue
-            raise RunFolderError(f"{path}:{number}: not a metrics row ({err}); expected one JSON object per "
-                                 "line as pretrain/metrics.py writes") from None
+            raise RunFolderError(
+                f"{path}:{number}: not a metrics row ({err}); expected one JSON object per "
+                "line as pretrain/metrics.py writes"
+            ) from None
         raw.append(row)
     by_step: dict[int, dict] = {}
     for row in raw:
@@ -209,10 +211,12 @@ def sessions_wall(raw: list[dict]) -> list[tuple[float, int | None]]:
 def throughput(rows: list[dict], raw: list[dict], tokens_per_step: int | None) -> Throughput:
     """Medians of the logged perf/ values; wall time from time/elapsed_s, else from the step times."""
     perf_rows = [r for r in rows if "perf/tokens_per_s" in r]
-    result = Throughput(tokens_per_s=_median(perf_rows, "perf/tokens_per_s"),
-                        tokens_per_s_per_gpu=_median(perf_rows, "perf/tokens_per_s_per_device"),
-                        mfu=_median(perf_rows, "perf/mfu"),
-                        recent_tokens_per_s=_median(perf_rows[-5:], "perf/tokens_per_s"))
+    result = Throughput(
+        tokens_per_s=_median(perf_rows, "perf/tokens_per_s"),
+        tokens_per_s_per_gpu=_median(perf_rows, "perf/tokens_per_s_per_device"),
+        mfu=_median(perf_rows, "perf/mfu"),
+        recent_tokens_per_s=_median(perf_rows[-5:], "perf/tokens_per_s"),
+    )
     gpus = [g for g in (_gpus(r) for r in perf_rows) if g]
     result.gpus = max(gpus) if gpus else None
     sessions = sessions_wall(raw)
@@ -226,7 +230,10 @@ def throughput(rows: list[dict], raw: list[dict], tokens_per_step: int | None) -
         result.wall_is_estimate = True
         total, previous = 0.0, 0
         for row in perf_rows:
-            step_s = sum(float(row.get(k) or 0) for k in ("perf/time_data_s", "perf/time_fwd_bwd_s", "perf/time_optim_s"))
+            step_s = sum(
+                float(row.get(k) or 0)
+                for k in ("perf/time_data_s", "perf/time_fwd_bwd_s", "perf/time_optim_s")
+            )
             total += step_s * (row["step"] - previous)
             previous = row["step"]
         result.wall_s = total
@@ -265,8 +272,10 @@ def load_run_config(path: Path):
         return cfg, ("imported" if _imported_from(path) else "trainer")
     if (path / "config.json").is_file():
         return _export_config(path), "export"
-    raise RunFolderError(f"{path}: not a run folder: no config.yaml (a trainer run or a tools/import_hf.py "
-                         "run) and no config.json (a tools/export_hf.py export)")
+    raise RunFolderError(
+        f"{path}: not a run folder: no config.yaml (a trainer run or a tools/import_hf.py "
+        "run) and no config.json (a tools/export_hf.py export)"
+    )
 
 
 def _export_config(path: Path):
@@ -279,11 +288,18 @@ def _export_config(path: Path):
     except json.JSONDecodeError as err:
         raise RunFolderError(f"{path}/config.json: not valid JSON ({err})") from None
     if "based_model" not in config:
-        raise RunFolderError(f"{path}: config.json has no 'based_model': a published-format checkpoint? Import "
-                             "it first: python tools/import_hf.py --src DIR --out RUN_DIR, then report on RUN_DIR")
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
-        "run_name": path.name, "model": config["based_model"],
-        "data": {"seq_len": int(config.get("max_position_embeddings") or 2048), "path": ""}})
+        raise RunFolderError(
+            f"{path}: config.json has no 'based_model': a published-format checkpoint? Import "
+            "it first: python tools/import_hf.py --src DIR --out RUN_DIR, then report on RUN_DIR"
+        )
+    merged = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig),
+        {
+            "run_name": path.name,
+            "model": config["based_model"],
+            "data": {"seq_len": int(config.get("max_position_embeddings") or 2048), "path": ""},
+        },
+    )
     return OmegaConf.to_object(merged)
 
 
@@ -302,10 +318,18 @@ def _imported_from(path: Path) -> str | None:
 def data_identity(cfg, kind: str) -> DataIdentity:
     """The data a run names, its manifest fingerprint when the data folder is readable from here."""
     d = cfg.data
-    ident = DataIdentity(seed=d.seed, seq_len=d.seq_len, global_batch=d.global_batch_size,
-                         doc_reset=d.reset_state_at_doc_boundaries)
+    ident = DataIdentity(
+        seed=d.seed,
+        seq_len=d.seq_len,
+        global_batch=d.global_batch_size,
+        doc_reset=d.reset_state_at_doc_boundaries,
+    )
     if kind != "trainer":
-        ident.problem = "trained elsewhere: no data of ours recorded" if kind == "imported" else "an export: no data recorded"
+        ident.problem = (
+            "trained elsewhere: no data of ours recorded"
+            if kind == "imported"
+            else "an export: no data recorded"
+        )
         ident.seed = ident.global_batch = None
         return ident
     ident.path = d.path
@@ -342,8 +366,15 @@ def read_evals(path: Path) -> tuple[dict[str, float], dict[str, str], list[dict]
                     if task not in recall or mtime >= recall[task][1]:
                         recall[task] = (100.0 * value, mtime, str(file))
         elif "preset" in data and "accuracy" in data and "segments" in data:
-            mqar.append({"preset": data["preset"], "accuracy": float(data["accuracy"]),
-                         "best_lr": data.get("best_lr"), "segments": data["segments"], "file": str(file)})
+            mqar.append(
+                {
+                    "preset": data["preset"],
+                    "accuracy": float(data["accuracy"]),
+                    "best_lr": data.get("best_lr"),
+                    "segments": data["segments"],
+                    "file": str(file),
+                }
+            )
     return ({t: v[0] for t, v in recall.items()}, {t: v[2] for t, v in recall.items()}, mqar, warnings)
 
 
@@ -362,9 +393,16 @@ def read_run(path: str | Path, now: float | None = None, stale_minimum_s: float 
     path = Path(path)
     cfg, kind = load_run_config(path)
     params, state = model_facts(cfg)
-    run = RunInfo(path=path, kind=kind, name=cfg.run_name if kind == "trainer" else path.name,
-                  family=cfg.model.family, params=params, state_bytes=state, seq_len=cfg.data.seq_len,
-                  imported_from=_imported_from(path) if kind == "imported" else None)
+    run = RunInfo(
+        path=path,
+        kind=kind,
+        name=cfg.run_name if kind == "trainer" else path.name,
+        family=cfg.model.family,
+        params=params,
+        state_bytes=state,
+        seq_len=cfg.data.seq_len,
+        imported_from=_imported_from(path) if kind == "imported" else None,
+    )
     run.data = data_identity(cfg, kind)
     run.recall, run.recall_source, run.mqar, run.warnings = read_evals(path)
     metrics = path / "metrics.jsonl"
@@ -393,7 +431,7 @@ def read_run(path: str | Path, now: float | None = None, stale_minimum_s: float 
 
 
 def describe_status(run: RunInfo) -> str:
-    """"finished", "running, 42% (time left ~3.1 h)", "stopped at step 40 of 300"."""
+    """ "finished", "running, 42% (time left ~3.1 h)", "stopped at step 40 of 300"."""
     if run.status == "running":
         done = f"{100 * run.tokens_seen / run.total_tokens:.0f}%" if run.total_tokens else "?"
         left = f", time left ~{format_duration(run.eta_s)}" if run.eta_s is not None else ""
@@ -413,6 +451,3 @@ def format_duration(seconds: float | None) -> str:
     if seconds < 3 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
-
-
-
