@@ -295,3 +295,30 @@ def test_published_merge_matches_family_size_and_tokens():
     assert rows[0]["diff"] == {"swde": pytest.approx(1.35), "fda": pytest.approx(-0.34)}
     assert rows[1]["diff"] == {"swde": 0.0}
     assert rows[2]["diff"] == {}
+
+
+def test_recall_results_in_the_run_folder_are_tabled_beside_the_published_ones(tiny_runs, tmp_path):
+    from pretrain.config import load_config, to_yaml
+
+    run = tmp_path / "based_360m_10b"  # a run folder of the published 360M config, evaluated, metrics not copied
+    (run / "eval" / "based_pretrain").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(load_config(ROOT / "configs" / "based_360m_10b.yaml")))
+    old = {"results": {"swde": {"contains,none": 0.10}}}
+    new = {"results": {"swde": {"alias": "swde", "contains,none": 0.27, "contains_stderr,none": 0.01},
+                       "fda": {"contains,none": 0.1434}, "squad_completion": {"contains,none": 0.2}}}
+    (run / "eval" / "based_pretrain" / "results_2026-11-30.json").write_text(json.dumps(old))
+    (run / "eval" / "based_pretrain" / "results_2026-12-01.json").write_text(json.dumps(new))
+    os.utime(run / "eval" / "based_pretrain" / "results_2026-11-30.json", (time.time() - 60,) * 2)
+    mqar = {"preset": "based-d128-f16", "best_lr": 0.01, "accuracy": 0.9873, "segments": {"L64-kv4": 0.9998}}
+    (run / "eval" / "mqar-based-d128-f16.json").write_text(json.dumps({**mqar, "runs": []}))
+
+    report = write_report([read_run(tiny_runs["attn"]), read_run(run)], tmp_path / "out").read_text()
+    assert _table_rows(report, "## Recall") == [["Based", "363M", "`based_360m_10b`", "27.00", "14.34", "20.00"]]
+    compared = _table_rows(report, "Published numbers beside ours")
+    assert compared[0] == ["Based", "360m", "`based_360m_10b`", "27.00 / 25.65 (+1.35)", "14.34 / 14.34 (+0.00)",
+                           "20.00 / 24.23 (-4.23)"]
+    assert compared[1] == ["Mamba", "360m", "–", "– / 17.28", "– / 5.90", "– / 24.83"]
+    assert len(compared) == 6
+    assert _table_rows(report, "MQAR")[0][:4] == ["`based_360m_10b`", "based-d128-f16", "0.01", "0.9873"]
+    state = {r[0]: r for r in _table_rows(report, "## Recurrent state and recall")}
+    assert state["`based_360m_10b`"][3] == f"{read_run(run).state_bytes:,}"
