@@ -63,7 +63,10 @@ def loss_figure(runs, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
-    for i, run in enumerate(runs):
+    plotted = [
+        run for run in runs if run.train.tokens or run.val.tokens
+    ]  # imports and exports have no curves
+    for i, run in enumerate(plotted):
         color = colors[i % len(colors)]
         label = f"{run.arch} {_size(run)} · {run.name}" + (" (running)" if run.status == "running" else "")
         if run.train.tokens:

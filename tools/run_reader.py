@@ -152,8 +152,6 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], list[str]]:
         raw.append(row)
     by_step: dict[int, dict] = {}
     for row in raw:
-        if row.get("superseded"):
-            continue
         step = row["step"]
         newest = max(by_step, default=-1)
         kinds = [k for k in ROW_KINDS if k in row]
@@ -192,8 +190,12 @@ def _gpus(row: dict) -> int | None:
     return None
 
 
-def sessions_wall(raw: list[dict]) -> list[tuple[float, int | None]]:
-    """[(seconds, GPUs)] per training session: `time/elapsed_s` restarts at 0 when a process starts."""
+def sessions_wall(raw: list[dict], tails: bool = False) -> list[tuple[float, int | None]]:
+    """[(seconds, GPUs)] per training session: `time/elapsed_s` restarts at 0 when a process starts.
+
+    tails=True for metrics.superseded.jsonl, whose stretches are the ends of sessions cut off at a resume
+    (pretrain/metrics.py moves them there): each adds its last minus its first elapsed time.
+    """
     out: list[list] = []
     previous = 0.0
     for row in raw:
@@ -201,15 +203,29 @@ def sessions_wall(raw: list[dict]) -> list[tuple[float, int | None]]:
         if not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed):
             continue
         if not out or elapsed < previous:
-            out.append([elapsed, None])
-        out[-1][0] = max(out[-1][0], elapsed)
-        out[-1][1] = _gpus(row) or out[-1][1]
+            out.append([elapsed, elapsed, None])
+        out[-1][1] = max(out[-1][1], elapsed)
+        out[-1][2] = _gpus(row) or out[-1][2]
         previous = elapsed
-    return [(s, g) for s, g in out]
+    return [(last - first if tails else last, g) for first, last, g in out]
 
 
-def throughput(rows: list[dict], raw: list[dict], tokens_per_step: int | None) -> Throughput:
-    """Medians of the logged perf/ values; wall time from time/elapsed_s, else from the step times."""
+def read_superseded(path: Path) -> list[dict]:
+    """Rows of metrics.superseded.jsonl (lines that are not metrics rows were moved there too: skipped)."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def throughput(rows: list[dict], raw: list[dict], superseded: list[dict] | None = None) -> Throughput:
+    """Medians of the logged perf/ values; wall time from time/elapsed_s (superseded rows' time included:
+    it was spent), else estimated from the step times."""
     perf_rows = [r for r in rows if "perf/tokens_per_s" in r]
     result = Throughput(
         tokens_per_s=_median(perf_rows, "perf/tokens_per_s"),
@@ -221,8 +237,9 @@ def throughput(rows: list[dict], raw: list[dict], tokens_per_step: int | None) -
     result.gpus = max(gpus) if gpus else None
     sessions = sessions_wall(raw)
     if sessions:
-        result.wall_s = sum(s for s, _ in sessions)
         result.sessions = len(sessions)
+        sessions += sessions_wall(superseded or [], tails=True)
+        result.wall_s = sum(s for s, _ in sessions)
         if all(g for _, g in sessions):
             result.gpu_hours = sum(s * g for s, g in sessions) / 3600
     elif perf_rows:
@@ -421,7 +438,7 @@ def read_run(path: str | Path, now: float | None = None, stale_minimum_s: float 
     run.train, run.val = curves(rows, run.tokens_per_step)
     run.last_step = max(run.train.steps + run.val.steps, default=0)
     run.tokens_seen = max(run.train.tokens + run.val.tokens, default=0)
-    run.throughput = throughput(rows, raw, run.tokens_per_step)
+    run.throughput = throughput(rows, raw, read_superseded(path / "metrics.superseded.jsonl"))
     stale = stale_after(rows, cfg.logging.log_interval, stale_minimum_s)
     run.status = run_status(run, metrics, time.time() if now is None else now, stale)
     recent = run.throughput.recent_tokens_per_s

@@ -206,6 +206,10 @@ def test_metrics_reader_handles_nan_null_resumes_and_a_torn_last_line(tmp_path):
     assert rows[2]["train/loss"] is None and rows[3]["train/loss"] == 3.5
     assert len(raw) == 7 and "incomplete last line" in warnings[0]
     assert sessions_wall(raw) == [(4.0, None), (1.5, None)]
+    # rows that pretrain/metrics.py moved to metrics.superseded.jsonl are the ends of sessions: their span counts
+    assert sessions_wall(
+        [{"step": 5, "time/elapsed_s": 9.0}, {"step": 6, "time/elapsed_s": 12.0}], tails=True
+    ) == [(3.0, None)]
     path.write_text("\n".join(lines[:2] + ["not json"] + lines[3:5]))
     with pytest.raises(RunFolderError, match=r"metrics.jsonl:3: not a metrics row"):
         read_metrics(path)
@@ -300,12 +304,19 @@ def test_published_merge_matches_family_size_and_tokens():
 def test_recall_results_in_the_run_folder_are_tabled_beside_the_published_ones(tiny_runs, tmp_path):
     from pretrain.config import load_config, to_yaml
 
-    run = tmp_path / "based_360m_10b"  # a run folder of the published 360M config, evaluated, metrics not copied
+    run = (
+        tmp_path / "based_360m_10b"
+    )  # a run folder of the published 360M config, evaluated, metrics not copied
     (run / "eval" / "based_pretrain").mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(load_config(ROOT / "configs" / "based_360m_10b.yaml")))
     old = {"results": {"swde": {"contains,none": 0.10}}}
-    new = {"results": {"swde": {"alias": "swde", "contains,none": 0.27, "contains_stderr,none": 0.01},
-                       "fda": {"contains,none": 0.1434}, "squad_completion": {"contains,none": 0.2}}}
+    new = {
+        "results": {
+            "swde": {"alias": "swde", "contains,none": 0.27, "contains_stderr,none": 0.01},
+            "fda": {"contains,none": 0.1434},
+            "squad_completion": {"contains,none": 0.2},
+        }
+    }
     (run / "eval" / "based_pretrain" / "results_2026-11-30.json").write_text(json.dumps(old))
     (run / "eval" / "based_pretrain" / "results_2026-12-01.json").write_text(json.dumps(new))
     os.utime(run / "eval" / "based_pretrain" / "results_2026-11-30.json", (time.time() - 60,) * 2)
@@ -313,12 +324,52 @@ def test_recall_results_in_the_run_folder_are_tabled_beside_the_published_ones(t
     (run / "eval" / "mqar-based-d128-f16.json").write_text(json.dumps({**mqar, "runs": []}))
 
     report = write_report([read_run(tiny_runs["attn"]), read_run(run)], tmp_path / "out").read_text()
-    assert _table_rows(report, "## Recall") == [["Based", "363M", "`based_360m_10b`", "27.00", "14.34", "20.00"]]
+    assert _table_rows(report, "## Recall") == [
+        ["Based", "363M", "`based_360m_10b`", "27.00", "14.34", "20.00"]
+    ]
     compared = _table_rows(report, "Published numbers beside ours")
-    assert compared[0] == ["Based", "360m", "`based_360m_10b`", "27.00 / 25.65 (+1.35)", "14.34 / 14.34 (+0.00)",
-                           "20.00 / 24.23 (-4.23)"]
+    assert compared[0] == [
+        "Based",
+        "360m",
+        "`based_360m_10b`",
+        "27.00 / 25.65 (+1.35)",
+        "14.34 / 14.34 (+0.00)",
+        "20.00 / 24.23 (-4.23)",
+    ]
     assert compared[1] == ["Mamba", "360m", "–", "– / 17.28", "– / 5.90", "– / 24.83"]
     assert len(compared) == 6
     assert _table_rows(report, "MQAR")[0][:4] == ["`based_360m_10b`", "based-d128-f16", "0.01", "0.9873"]
     state = {r[0]: r for r in _table_rows(report, "## Recurrent state and recall")}
     assert state["`based_360m_10b`"][3] == f"{read_run(run).state_bytes:,}"
+
+
+def test_imported_and_exported_folders_are_reported_without_curves(tiny_runs, tmp_path):
+    import dataclasses
+
+    from tests.tools.conftest import tiny_model
+    from tools.import_hf import write_run
+
+    imported = tmp_path / "based_imported"
+    write_run(tiny_model("based"), imported, "/models/hazyresearch/based-360m")
+    export = tmp_path / "mamba_export"
+    export.mkdir()
+    config = {"based_model": dataclasses.asdict(tiny_model("mamba").cfg), "max_position_embeddings": 512}
+    (export / "config.json").write_text(json.dumps(config))
+    runs = [read_run(p) for p in (tiny_runs["attn"], imported, export)]
+    assert [(r.kind, r.status) for r in runs] == [
+        ("trainer", "finished"),
+        ("imported", "no metrics"),
+        ("export", "no metrics"),
+    ]
+    assert runs[2].family == "mamba" and runs[2].seq_len == 512 and runs[2].state_bytes > 0
+    report = write_report(runs, tmp_path / "out").read_text()
+    assert (
+        "- `based_imported`: trained elsewhere: no data of ours recorded (/models/hazyresearch/based-360m)"
+        in report
+    )
+    assert "- `mamba_export`: an export: no data recorded" in report
+    published = tmp_path / "published"
+    published.mkdir()
+    (published / "config.json").write_text(json.dumps({"n_embd": 64}))
+    with pytest.raises(RunFolderError, match=r"published.*no 'based_model'.*tools/import_hf.py"):
+        read_run(published)
