@@ -24,6 +24,7 @@ from pathlib import Path
 
 # the value that makes a row a training row or a validation row; a second one at a step means it was redone
 ROW_KINDS = ("train/loss", "val/loss")
+ROOT = Path(__file__).resolve().parents[1]
 RECALL_TASKS = ("swde", "fda", "squad_completion")
 FAMILY_NAMES = {"based": "Based", "attn": "Transformer++", "mamba": "Mamba"}
 
@@ -353,8 +354,14 @@ def data_identity(cfg, kind: str) -> DataIdentity:
     from data_pipeline.errors import DataError
     from data_pipeline.manifest import load_manifest
 
+    # the trainer resolves a relative data.path against its working directory, normally the repository root
+    where = (
+        d.path
+        if Path(d.path).is_absolute() or (Path(d.path) / "manifest.json").exists()
+        else str(ROOT / d.path)
+    )
     try:
-        manifest = load_manifest(d.path)
+        manifest = load_manifest(where)
         ident.fingerprint = manifest.fingerprint()
         tok = manifest.tokenizer
         ident.tokenizer = f"{tok.get('name', '?')} ({tok.get('vocab_size', '?')} tokens)"
