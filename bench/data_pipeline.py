@@ -32,8 +32,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline.loader import GlobalOrderLoader  # noqa: E402
-from data_pipeline.manifest import FORMAT, MANIFEST, write_json_atomic  # noqa: E402
+from data_pipeline.manifest import FORMAT, MANIFEST, crc_file, write_json_atomic  # noqa: E402
 from data_pipeline.prepare import PrepareConfig, prepare  # noqa: E402
+from data_pipeline.readers import file_sha256  # noqa: E402
 from data_pipeline.shard_format import RecordLayout, write_shard  # noqa: E402
 from data_pipeline.tiny_corpus import write_jsonl_zst  # noqa: E402
 from data_pipeline.tokenizer import load_tokenizer, write_tiktoken_file  # noqa: E402
@@ -162,6 +163,8 @@ def synthetic_dataset(folder: str, target_mb: float, seq_len: int, shard_samples
         is_start = rng.random((shard_samples, seq_len + 1)) < 1 / 500
         name = f"train-{index:06d}.tar"
         info = write_shard(os.path.join(folder, name), layout, index * shard_samples, tokens, is_start)
+        with open(os.path.join(folder, crc_file("train")), "ab") as f:
+            f.write(info.pop("crc32").astype("<u4").tobytes())
         shards.append({"name": name, "samples": shard_samples, "tokens": tokens.size, **info})
     tokenizer = {
         "spec": "synthetic",
@@ -170,8 +173,10 @@ def synthetic_dataset(folder: str, target_mb: float, seq_len: int, shard_samples
         "eos_id": 50256,
         "vocab_hash": "0" * 64,
     }
+    sha, size = file_sha256(folder, crc_file("train"))
     split = {
         "shards": shards,
+        "sample_crc32": {"name": crc_file("train"), "bytes": size, "sha256": sha},
         "samples": count * shard_samples,
         "tokens": count * shard_samples * (seq_len + 1),
     }

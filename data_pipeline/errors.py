@@ -23,6 +23,10 @@ class CorruptInputError(DataError):
     """An input file cannot be read to its end (truncated or corrupt compression, bad parquet)."""
 
 
+class InputOverlapError(DataError):
+    """A file is both a training and a validation input."""
+
+
 class UnknownFormatError(DataError):
     """An input file's extension names no format the pipeline reads."""
 

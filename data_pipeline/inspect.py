@@ -1,7 +1,7 @@
 """`python -m data_pipeline.inspect DIR`: what a prepared data folder holds; checks; one decoded sample.
 
     python -m data_pipeline.inspect DIR                # shards, samples, tokens, tokenizer per split
-    python -m data_pipeline.inspect DIR --verify       # sha256 of every shard against the manifest
+    python -m data_pipeline.inspect DIR --verify       # sha256 of every shard and checksum file
     python -m data_pipeline.inspect DIR --show 12      # sample at position 12 of the global order
 
 `--show` uses the manifest's tokenizer spec unless `--tokenizer` names another file (it must have the same
@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             problems = [p for name in manifest.data["splits"] for p in manifest.verify(name)]
             for problem in problems:
                 print(f"FAILED {problem}")
-            shards = sum(len(split["shards"]) for split in manifest.data["splits"].values())
-            print(f"verify: {shards - len(problems)} of {shards} shards match the manifest")
+            files = sum(
+                len(split["shards"]) + ("sample_crc32" in split) for split in manifest.data["splits"].values()
+            )
+            print(
+                f"verify: {files - len(problems)} of {files} files (shards, checksum files) match the manifest"
+            )
             if problems:
                 return 1
         if args.show is not None:

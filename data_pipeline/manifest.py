@@ -3,8 +3,12 @@
 Keys: `format`, `seq_len`, `token_dtype`, `tokenizer` {spec, name, vocab_size, eos_id, vocab_hash}, `seed`,
 `inputs` / `val_inputs` [{path, bytes}], `val_docs`, `val_fraction`, `on_bad_record`, `shard_samples`,
 `layout` (RecordLayout), `settings_hash`, and `splits` {train, val}: each with `shards`
-[{name, samples, tokens, bytes, sha256}], `samples`, `tokens`, `documents`, `records`, `input_tokens`,
-`dropped_tail_tokens`, `blank_lines`, `empty_documents`, `skipped` {reason: count}, `skipped_examples`.
+[{name, samples, tokens, bytes, sha256}], `sample_crc32` {name, bytes, sha256} (the per-sample checksum
+file), `samples`, `tokens`, `documents`, `records`, `input_tokens`, `dropped_tail_tokens`, `blank_lines`,
+`empty_documents`, `skipped` {reason: count}, `skipped_examples`. docs/DATA.md describes each.
+
+Formats: `based-webdataset-v2` (current) adds `sample_crc32`; `based-webdataset-v1` folders (identical
+shards, no per-sample checksums) stay readable, and the loader warns that their reads are unchecked.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from data_pipeline.readers import file_sha256, file_url, is_local, read_file
 from data_pipeline.shard_format import RecordLayout
 
 MANIFEST = "manifest.json"
-FORMAT = "based-webdataset-v1"
+FORMAT = "based-webdataset-v2"
+FORMAT_V1 = "based-webdataset-v1"
+READABLE_FORMATS = (FORMAT, FORMAT_V1)
+CRC_SUFFIX = ".crc32"
+
+
+def crc_file(split: str) -> str:
+    """The name of the per-sample checksum file of `split`: little-endian uint32 [samples]."""
+    return f"{split}{CRC_SUFFIX}"
 
 
 def write_json_atomic(path: str, data: dict) -> None:
@@ -68,6 +80,10 @@ class Manifest:
             )
         return splits[name]
 
+    def checksums(self, split: str) -> dict | None:
+        """The `sample_crc32` entry {name, bytes, sha256} of `split`; None for v1 data (no checksums)."""
+        return self.split(split).get("sample_crc32")
+
     def shard_offsets(self, split: str) -> np.ndarray:
         """int64 [num_shards + 1]: index of the first sample of each shard, then the total."""
         counts = [shard["samples"] for shard in self.split(split)["shards"]]
@@ -86,33 +102,45 @@ class Manifest:
         """For local data: ShardError naming the first shard that is missing or has the wrong size."""
         if not is_local(self.data_dir):
             return
-        for shard in self.split(split)["shards"]:
+        files = list(self.split(split)["shards"])
+        if self.checksums(split) is not None:
+            files.append(self.checksums(split))
+        for shard in files:
             path = file_url(self.data_dir, shard["name"])
             try:
                 size = os.path.getsize(path)
             except OSError as err:
-                raise ShardError(f"shard {path} listed in {self.where} is missing: {err}") from err
+                raise ShardError(f"{_kind(path)} {path} listed in {self.where} is missing: {err}") from err
             if size != shard["bytes"]:
                 raise ShardError(
-                    f"shard {path} has {size} bytes, {self.where} says {shard['bytes']}: the shard is truncated "
+                    f"{_kind(path)} {path} has {size} bytes, {self.where} says {shard['bytes']}: it is truncated "
                     "or was replaced; copy it again or prepare the data again"
                 )
 
     def verify(self, split: str) -> list[str]:
-        """Hash every shard of `split`; return one message per shard whose sha256 or size is wrong."""
+        """Hash every shard (and the checksum file) of `split`; one message per file whose sha256 or size is wrong."""
         problems = []
-        for shard in self.split(split)["shards"]:
+        files = list(self.split(split)["shards"])
+        if self.checksums(split) is not None:
+            files.append(self.checksums(split))
+        for shard in files:
             try:
                 sha, size = file_sha256(self.data_dir, shard["name"])
             except (OSError, ShardError) as err:
-                problems.append(f"shard {file_url(self.data_dir, shard['name'])} cannot be read: {err}")
+                problems.append(
+                    f"{_kind(shard['name'])} {file_url(self.data_dir, shard['name'])} cannot be read: {err}"
+                )
                 continue
             if sha != shard["sha256"] or size != shard["bytes"]:
                 problems.append(
-                    f"shard {file_url(self.data_dir, shard['name'])}: sha256 {sha[:16]}... ({size} bytes) differs "
+                    f"{_kind(shard['name'])} {file_url(self.data_dir, shard['name'])}: sha256 {sha[:16]}... ({size} bytes) differs "
                     f"from {self.where} ({shard['sha256'][:16]}..., {shard['bytes']} bytes); copy it again"
                 )
         return problems
+
+
+def _kind(name: str) -> str:
+    return "checksum file" if name.endswith(CRC_SUFFIX) else "shard"
 
 
 def load_manifest(data_dir: str) -> Manifest:
@@ -126,6 +154,9 @@ def load_manifest(data_dir: str) -> Manifest:
         ) from err
     except json.JSONDecodeError as err:
         raise ManifestError(f"{where} is not valid JSON ({err}); prepare the data again") from err
-    if data.get("format") != FORMAT:
-        raise ManifestError(f"{where}: format {data.get('format')!r}, expected {FORMAT!r}")
+    if data.get("format") not in READABLE_FORMATS:
+        raise ManifestError(
+            f"{where}: format {data.get('format')!r}, expected one of {READABLE_FORMATS}; "
+            "this data was written by another version of data_pipeline"
+        )
     return Manifest(data, data_dir)

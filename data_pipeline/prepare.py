@@ -7,16 +7,24 @@ Flow: the main process reads records (lines, rows, files) in input order and sen
 `--workers` tokenizer processes; results come back in input order, so the shards are byte-identical for
 any number of workers. Documents get an EOS and are packed (data_pipeline.packing) into samples of
 seq_len + 1 tokens; every `--shard-samples` samples become a shard `{split}-{index:06d}.tar`
-(data_pipeline.shard_format), written to a temporary name and renamed.
+(data_pipeline.shard_format), written to a temporary name and renamed; the crc32 of each of its samples
+is appended to `{split}.crc32`.
 
-Validation split: `--val-input FILES` (separate files), `--val-docs K` (the first K records of the input),
-or `--val-fraction F` (each record with probability F, decided by a hash of (--seed, record index)).
-The validation split is written first, then train; each is one packing stream.
+Validation split: `--val-input FILES` (separate files; a file that is also an `--input` is refused),
+`--val-docs K` (the first K records of the input), or `--val-fraction F` (each record with probability F,
+decided by a hash of (--seed, record index)). The validation split is written first, then train; each is
+one packing stream.
 
 Resume: after each shard the state (records consumed, counters, the samples not yet in a shard) is saved
-in `OUT/.prepare/`. Re-running the same command continues after the last finished shard, skipping
-exactly the records already consumed, and produces the same shards as an uninterrupted run.
-manifest.json is written last; then `.prepare/` is removed.
+in `OUT/.prepare/`, but only once every record it covers is verified: zstd checks a frame's checksum at
+the frame's end, so a checkpoint inside a zstd frame waits for that frame to end (a single-frame file is
+committed only at its end; with --val-docs the rest of the frame is read to check the validation records).
+Re-running the same command continues after the last committed shard, skipping exactly the records
+already consumed, and produces the same shards as an uninterrupted run; shards written after that point
+are written again. manifest.json is written last; then `.prepare/` is removed. A rerun with other settings
+names each setting that differs; `--restart` deletes what an earlier prepare wrote into OUT (its shards,
+checksum files, manifest and state: nothing else) and starts over. A rerun of a finished prepare checks
+that every file the manifest lists is there with its size.
 
 Bad records (invalid UTF-8, invalid JSON, no string "text"): `--on-bad-record error` (default) stops
 with the file and line; `skip` counts them, reports them at the end and in the manifest. Blank lines
@@ -44,14 +52,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_pipeline.errors import BadRecordError, DataError, EmptyInputError, PrepareStateError
-from data_pipeline.manifest import FORMAT, MANIFEST, write_json_atomic
+from data_pipeline.errors import (
+    BadRecordError,
+    DataError,
+    EmptyInputError,
+    InputOverlapError,
+    PrepareStateError,
+)
+from data_pipeline.manifest import CRC_SUFFIX, FORMAT, MANIFEST, crc_file, write_json_atomic
 from data_pipeline.packing import Packer
+from data_pipeline.readers import file_sha256
 from data_pipeline.shard_format import RecordLayout, write_shard
-from data_pipeline.sources import BLANK, JSONL, InputFile, expand_inputs, iter_records, parse_record
+from data_pipeline.sources import (
+    BLANK,
+    JSONL,
+    InputFile,
+    InputProgress,
+    expand_inputs,
+    iter_records,
+    parse_record,
+)
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer, token_dtype
 
 STATE_DIR = ".prepare"
+SETTING_KEYS = ("format", "seq_len", "token_dtype", "shard_samples", "seed", "val_docs", "val_fraction")
 BLANK_CODE, BAD_CODE, EMPTY_CODE = -1, -2, -3
 MAX_EXAMPLES = 20
 
@@ -72,6 +96,7 @@ class PrepareConfig:
     seed: int = 0
     on_bad_record: str = "error"
     progress: bool = True
+    restart: bool = False
     chunk_records: int = 256
     chunk_bytes: int = 1 << 20
 
@@ -96,14 +121,17 @@ def prepare(config: PrepareConfig) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     inputs = expand_inputs(config.inputs)
     val_inputs = expand_inputs(config.val_inputs) if config.val_inputs else []
+    _check_no_overlap(inputs, val_inputs)
     settings = _settings(config, tokenizer, inputs, val_inputs)
-    os.makedirs(config.out, exist_ok=True)
+    _make_out(config.out)
     with _locked(config.out):
+        if config.restart:
+            _clear_out(config.out)
         done = _finished_manifest(config.out, settings)
         if done is not None:
             _log(f"{config.out} is already prepared with these settings; nothing to do")
             return done
-        store = _StateStore(config.out, settings["settings_hash"])
+        store = _StateStore(config.out, settings)
         layout = RecordLayout.build(config.seq_len, settings["token_dtype"])
         with _WorkerPool(tokenizer, config.workers) as pool:
             for plan in _plans(config, inputs, val_inputs):
@@ -127,6 +155,33 @@ def _check_config(config: PrepareConfig) -> None:
         raise DataError(f"--on-bad-record {config.on_bad_record!r} must be 'error' or 'skip'")
 
 
+def _make_out(out: str) -> None:
+    """Create the output folder; PrepareStateError if `out` exists and is not a folder."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareStateError(f"--out {out} is a file, not a folder; choose a folder for the prepared data")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise PrepareStateError(f"--out {out} cannot be created: {err}") from err
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _check_no_overlap(inputs: list[InputFile], val_inputs: list[InputFile]) -> None:
+    """InputOverlapError if a file (same file, under any path or link) is both a train and a val input."""
+    val_files = {_file_identity(f.path): f.path for f in val_inputs}
+    for source in inputs:
+        other = val_files.get(_file_identity(source.path))
+        if other is not None:
+            raise InputOverlapError(
+                f"input {source.path} is also a validation input (--val-input {other}): its documents would "
+                "be in both splits; remove it from --input or from --val-input"
+            )
+
+
 def _settings(config: PrepareConfig, tokenizer: Tokenizer, inputs: list[InputFile], val_inputs) -> dict:
     """Everything the output depends on; its hash guards resuming and re-running."""
     settings = {
@@ -147,26 +202,105 @@ def _settings(config: PrepareConfig, tokenizer: Tokenizer, inputs: list[InputFil
         "inputs": [{"path": f.path, "bytes": f.size} for f in inputs],
         "val_inputs": [{"path": f.path, "bytes": f.size} for f in val_inputs],
     }
-    hashed = {k: v for k, v in settings.items() if k != "tokenizer"}
-    hashed["vocab_hash"] = tokenizer.vocab_hash
-    for key in ("inputs", "val_inputs"):
-        hashed[key] = [[os.path.abspath(f["path"]), f["bytes"]] for f in settings[key]]
-    settings["settings_hash"] = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+    identity = _identity(settings)
+    settings["settings_hash"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return settings
+
+
+def _identity(settings: dict) -> dict:
+    """What the settings hash covers (input paths made absolute); also readable from a manifest."""
+    identity = {k: settings.get(k) for k in SETTING_KEYS}
+    identity["vocab_hash"] = settings["tokenizer"]["vocab_hash"]
+    for key in ("inputs", "val_inputs"):
+        identity[key] = [[os.path.abspath(f["path"]), f["bytes"]] for f in settings.get(key) or []]
+    return identity
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """One line per setting of `old` (a manifest or saved settings) that differs from `new`."""
+    if "tokenizer" not in old:
+        return ["its settings are not recorded (written by an older version of data_pipeline)"]
+    before, after = _identity(old), _identity(new)
+    lines = []
+    for key in sorted(after):
+        if key in ("inputs", "val_inputs"):
+            lines += _input_differences(key, before[key], after[key])
+        elif before[key] != after[key]:
+            lines.append(f"{key} was {_short(before[key])}, now {_short(after[key])}")
+    return lines or ["the settings hash differs"]
+
+
+def _input_differences(key: str, before: list, after: list) -> list[str]:
+    flag = "--input" if key == "inputs" else "--val-input"
+    old, new = dict(map(tuple, before)), dict(map(tuple, after))
+    lines = [
+        f"{flag} {path} was {old[path]} bytes, now {new[path]}"
+        for path in new
+        if old.get(path, new[path]) != new[path]
+    ]
+    lines += [f"{flag} {path} is new" for path in new if path not in old]
+    lines += [f"{flag} {path} is no longer given" for path in old if path not in new]
+    if not lines and before != after:
+        lines.append(f"{flag} files are in another order")
+    return lines
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text[:16] + "..." if isinstance(value, str) and len(value) > 32 else text
+
+
+def _settings_mismatch(what: str, path: str, old: dict, new: dict) -> PrepareStateError:
+    return PrepareStateError(
+        f"{what} made with other settings ({path}): {'; '.join(_differences(old, new))}. Re-run with the "
+        f"earlier settings, choose another --out, or add --restart to delete it and prepare with these settings"
+    )
 
 
 def _finished_manifest(out: str, settings: dict) -> dict | None:
     path = os.path.join(out, MANIFEST)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise PrepareStateError(f"{path} cannot be read ({err}); add --restart to prepare again") from err
     if manifest.get("settings_hash") != settings["settings_hash"]:
-        raise PrepareStateError(
-            f"{path} holds data prepared with other inputs or settings; choose another --out or delete {out}"
-        )
+        raise _settings_mismatch(f"{out} holds data", path, manifest, settings)
+    _check_listed_files(out, manifest["splits"], path)
     shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)
     return manifest
+
+
+def _check_listed_files(out: str, splits: dict, where: str) -> None:
+    """PrepareStateError naming the first shard or checksum file of `splits` that is missing or resized."""
+    for split in splits.values():
+        files = list(split["shards"]) + ([split["sample_crc32"]] if "sample_crc32" in split else [])
+        for entry in files:
+            file = os.path.join(out, entry["name"])
+            size = os.path.getsize(file) if os.path.isfile(file) else None
+            if size != entry["bytes"]:
+                found = "is missing" if size is None else f"has {size} bytes, not {entry['bytes']}"
+                raise PrepareStateError(
+                    f"{file}, listed in {where}, {found}: the prepared data is incomplete; "
+                    "add --restart to prepare it again"
+                )
+
+
+def _clear_out(out: str) -> None:
+    """Delete what a prepare writes into `out` (nothing else): manifest, state, shards, checksum files."""
+    names = [MANIFEST] + [
+        name
+        for name in os.listdir(out)
+        if (name.startswith(("train-", "val-")) and name.endswith((".tar", ".tar.tmp")))
+        or name in (f"train{CRC_SUFFIX}", f"val{CRC_SUFFIX}")
+    ]
+    removed = [name for name in names if os.path.isfile(os.path.join(out, name))]
+    for name in removed:
+        os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)
+    _log(f"--restart: removed {len(removed)} files of an earlier prepare from {out}")
 
 
 class _locked:
@@ -225,28 +359,27 @@ def _unit_hash(seed: int, index: int) -> float:
 class _StateStore:
     """`OUT/.prepare/state.json` (counters per split) and the carry files of unfinished samples."""
 
-    def __init__(self, out: str, settings_hash: str):
+    def __init__(self, out: str, settings: dict):
         self.out = out
         self.folder = os.path.join(out, STATE_DIR)
         self.path = os.path.join(self.folder, "state.json")
         if os.path.exists(self.path):
             with open(self.path) as f:
                 self.state = json.load(f)
-            if self.state["settings_hash"] != settings_hash:
-                raise PrepareStateError(
-                    f"{out} holds an unfinished prepare with other inputs or settings ({self.path}); "
-                    f"re-run that command to finish it, or delete {out} to start over"
-                )
+            if self.state["settings_hash"] != settings["settings_hash"]:
+                old = self.state.get("settings", {})
+                raise _settings_mismatch(f"{out} holds an unfinished prepare", self.path, old, settings)
+            _check_listed_files(out, self.state["splits"], self.path)
             _log(f"resuming the unfinished prepare in {out}")
         else:
             stale = glob.glob(os.path.join(out, "train-*.tar")) + glob.glob(os.path.join(out, "val-*.tar"))
             if stale:
                 raise PrepareStateError(
                     f"{out} holds shards ({os.path.basename(stale[0])}, ...) but no prepare state; "
-                    "choose an empty --out"
+                    "choose an empty --out, or add --restart to delete them"
                 )
             os.makedirs(self.folder, exist_ok=True)
-            self.state = {"settings_hash": settings_hash, "splits": {}}
+            self.state = {"settings_hash": settings["settings_hash"], "settings": settings, "splits": {}}
             self.save()
 
     def save(self) -> None:
@@ -307,10 +440,13 @@ class _ShardJob:
 
 
 class _SplitRun:
-    """Packs one split's documents into shards; a checkpoint is saved once its shards are on disk.
+    """Packs one split's documents into shards; a checkpoint is saved once its shards are on disk and
+    every record it covers is verified (`progress`).
 
-    `state` holds the counters of everything processed; `durable` is the last saved checkpoint.
-    Shards are written by the worker pool (in the background) and renamed in order by this process.
+    `state` holds the counters of everything processed; `durable` is the last saved checkpoint; `held` is
+    the newest checkpoint whose shards are written but whose records are not all verified yet.
+    Shards are written by the worker pool (in the background) and renamed in order by this process,
+    which also appends their samples' crc32 to `{split}.crc32`.
     """
 
     def __init__(self, plan, config, layout, store: _StateStore, pool: _WorkerPool):
@@ -322,11 +458,15 @@ class _SplitRun:
         self.pending_count = 0
         self.jobs: collections.deque[_ShardJob] = collections.deque()
         self.written: dict[str, dict] = {}
+        self.progress = InputProgress()
+        self.held: tuple[dict, dict[str, np.ndarray]] | None = None
+        self.crc_path = os.path.join(config.out, crc_file(plan.name))
 
     def run(self) -> None:
         if self.state["complete"]:
             return
         self._restore()
+        self._reset_crc_file()
         self.bar = _Progress(self.plan.name, self.config.progress, self.state)
         for chunk, (lengths, tokens, problems) in self.pool.map(_tokenize_chunk, self._chunks()):
             offset = 0
@@ -337,6 +477,7 @@ class _SplitRun:
                     self.jobs[-1].checkpoint = self._snapshot(position)
                     self._collect(block=True, keep=self.pool.max_background_writes)
             self._collect(block=False)
+            self._commit_held()
             self.bar.update(len(chunk.positions))
         self._finish()
 
@@ -361,12 +502,24 @@ class _SplitRun:
 
     def _selected(self) -> Iterator[tuple[int, int, int, object]]:
         input_index, record_index, global_index = self.state["next"]
-        for position in iter_records(self.plan.inputs, (input_index, record_index)):
+        records = iter_records(self.plan.inputs, (input_index, record_index), self.progress)
+        for position in records:
             if self.plan.stop is not None and global_index >= self.plan.stop:
+                self._verify_to(records, position[0], position[1])
                 return
             if self.plan.select(global_index):
                 yield (*position[:2], global_index, position[2])
             global_index += 1
+
+    def _verify_to(self, records: Iterator, input_index: int, record_end: int) -> None:
+        """Read on (without using the records) until records [0, record_end) of the input are verified."""
+        while not self.progress.covers(input_index, record_end):
+            if next(records, None) is None:
+                return
+
+    def _verified(self, state: dict) -> bool:
+        input_index, record_end, _ = state["next"]
+        return self.progress.covers(input_index, record_end)
 
     def _handle(self, item, position, length, tokens, offset, problems) -> int:
         """Count or pack record `item` of a chunk; return how many of the chunk's tokens it used."""
@@ -432,14 +585,38 @@ class _SplitRun:
         return state, arrays
 
     def _collect(self, block: bool, keep: int = 0) -> None:
-        """Finish shard writes in order (rename, then save the checkpoint that waited for them)."""
+        """Finish shard writes in order: rename, append the samples' crc32, offer the checkpoint that
+        waited for them."""
         while len(self.jobs) > keep and (block or self.jobs[0].result.ready()):
             job = self.jobs.popleft()
-            self.written[job.name] = job.result.get()
+            result = dict(job.result.get())
+            crcs = result.pop("crc32")
+            self.written[job.name] = result
             path = os.path.join(self.config.out, job.name)
             os.replace(path + ".tmp", path)
+            with open(self.crc_path, "ab") as f:
+                f.write(crcs.astype("<u4").tobytes())
             if job.checkpoint is not None:
-                self._persist(*job.checkpoint)
+                self.held = job.checkpoint
+                self._commit_held()
+
+    def _commit_held(self) -> None:
+        """Persist the held checkpoint once its records are verified (a newer one replaces it before)."""
+        if self.held is not None and self._verified(self.held[0]):
+            self._persist(*self.held)
+            self.held = None
+
+    def _reset_crc_file(self) -> None:
+        """Cut `{split}.crc32` to the samples of the durable checkpoint (later shards are written again)."""
+        size = 4 * self.durable["samples"]
+        have = os.path.getsize(self.crc_path) if os.path.isfile(self.crc_path) else 0
+        if have < size:
+            raise PrepareStateError(
+                f"{self.crc_path} has {have} bytes, {self.store.path} needs {size}: it was cut or deleted; "
+                "add --restart to prepare again"
+            )
+        with open(self.crc_path, "ab") as f:
+            f.truncate(size)
 
     def _persist(self, state: dict, arrays: dict[str, np.ndarray] | None) -> None:
         """Make `state` (whose shards are all written) and its carry arrays the durable checkpoint."""
@@ -485,6 +662,8 @@ class _SplitRun:
         final = copy.deepcopy(self.state)
         final["dropped_tail_tokens"] = self.packer.fill
         final["complete"] = True
+        # every record is read and verified now; the final state supersedes any held checkpoint
+        self.held = None
         self._persist(final, None)
 
 
@@ -621,6 +800,8 @@ def _manifest(settings: dict, layout: RecordLayout, splits: dict, config: Prepar
     for name, state in splits.items():
         entry = {key: state[key] for key in state if key not in ("next", "carry", "checkpoints", "complete")}
         entry["tokens"] = state["samples"] * layout.sample_tokens
+        sha, size = file_sha256(config.out, crc_file(name))
+        entry["sample_crc32"] = {"name": crc_file(name), "bytes": size, "sha256": sha}
         manifest["splits"][name] = entry
     return manifest
 
@@ -670,6 +851,11 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
     )
     parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete what an earlier (unfinished or other) prepare wrote into --out, then start over",
+    )
     args = parser.parse_args(argv)
     return PrepareConfig(
         inputs=args.input,
@@ -684,6 +870,7 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
         seed=args.seed,
         on_bad_record=args.on_bad_record,
         progress=not args.no_progress,
+        restart=args.restart,
     )
 
 

@@ -9,6 +9,12 @@ Formats, chosen by extension:
 Reading (decompression, line splitting) runs in the main process; parsing (UTF-8, JSON) runs in the
 tokenizer workers through `parse_record`. A record is addressed by its input index and its index in that
 input (0-based; messages print 1-based line numbers).
+
+Integrity: zstd checks a frame's checksum only when the frame ends, so the records of a frame are read
+(possibly garbled, as valid JSON) before its corruption is known; a single-frame file is checked only at
+its end. `InputProgress` tells how far the records read so far are verified (every frame they lie in has
+ended with a matching checksum; records of plain files and parquet count as verified when read), so
+prepare commits nothing built from records that a later checksum error could still disown.
 """
 
 from __future__ import annotations
@@ -79,26 +85,42 @@ def expand_inputs(patterns: list[str]) -> list[InputFile]:
     return files
 
 
+class InputProgress:
+    """How far the records read are verified: every record of inputs before `input`, and records
+    [0, `records`) of input `input`."""
+
+    def __init__(self) -> None:
+        self.input = 0
+        self.records = 0
+
+    def covers(self, input_index: int, record_end: int) -> bool:
+        """Whether records [0, record_end) of input `input_index` (and all earlier inputs) are verified."""
+        return input_index < self.input or (input_index == self.input and record_end <= self.records)
+
+
 def iter_records(
-    inputs: list[InputFile], start: tuple[int, int] = (0, 0)
+    inputs: list[InputFile], start: tuple[int, int] = (0, 0), progress: InputProgress | None = None
 ) -> Iterator[tuple[int, int, object]]:
     """Yield `(input_index, record_index, raw)` from `start` on; raw is bytes, a str, None or BLANK.
 
     jsonl: raw is the line's bytes (BLANK, i.e. b"", for a blank line); text: the file's bytes; parquet: the "text"
     value (str, or None when null/missing). Raises EmptyInputError for a file without records and
-    CorruptInputError for one that cannot be read to its end.
+    CorruptInputError for one that cannot be read to its end. `progress`, if given, is kept up to date.
     """
+    progress = progress or InputProgress()
     first_input, first_record = start
     for input_index in range(first_input, len(inputs)):
         skip = first_record if input_index == first_input else 0
         source = inputs[input_index]
+        progress.input, progress.records = input_index, 0
         count = 0
-        for record_index, raw in _records_of(source):
+        for record_index, raw in _records_of(source, progress):
             count += 1
             if record_index >= skip:
                 yield input_index, record_index, raw
         if count == 0:
             raise EmptyInputError(f"input {source.path} holds no record (empty file); remove it from --input")
+        progress.input, progress.records = input_index + 1, 0
 
 
 def parse_record(fmt: str, raw: object) -> str | tuple[str, str]:
@@ -123,16 +145,19 @@ def parse_record(fmt: str, raw: object) -> str | tuple[str, str]:
     return obj["text"]
 
 
-def _records_of(source: InputFile) -> Iterator[tuple[int, object]]:
+def _records_of(source: InputFile, progress: InputProgress) -> Iterator[tuple[int, object]]:
     try:
         if source.fmt == PARQUET:
-            yield from _parquet_records(source.path)
+            for index, value in _parquet_records(source.path):
+                progress.records = index + 1
+                yield index, value
         elif source.fmt == JSONL:
-            yield from _line_records(source.path)
+            yield from _line_records(source.path, progress)
         else:
             with _open_bytes(source.path) as f:
                 data = f.read()
             if data:
+                progress.records = 1
                 yield 0, data
     except (OSError, EOFError, ValueError) as err:
         raise CorruptInputError(
@@ -141,9 +166,15 @@ def _records_of(source: InputFile) -> Iterator[tuple[int, object]]:
         ) from err
 
 
-def _line_records(path: str) -> Iterator[tuple[int, object]]:
+def _line_records(path: str, progress: InputProgress) -> Iterator[tuple[int, object]]:
+    """Lines; a line counts as verified once every byte up to its end lies in a checked zstd frame."""
     with _open_bytes(path) as f:
+        raw = f.raw if isinstance(f, io.BufferedReader) and isinstance(f.raw, _ZstdRaw) else None
+        end = 0
         for index, line in enumerate(f):
+            end += len(line)
+            if raw is None or raw.verified_bytes >= end:
+                progress.records = index + 1
             yield index, (line if line.strip() else BLANK)
 
 
@@ -167,6 +198,9 @@ class _ZstdRaw(io.RawIOBase):
         self.frame_started = False
         self.pending = b""
         self.position = 0
+        self.output_bytes = 0
+        # decompressed bytes of the frames that have ended (zstd checked their checksums, if they have one)
+        self.verified_bytes = 0
 
     def readable(self) -> bool:
         return True
@@ -192,9 +226,12 @@ class _ZstdRaw(io.RawIOBase):
         try:
             while data:
                 self.frame_started = True
-                self.pending += self.frame.decompress(data)
+                out = self.frame.decompress(data)
+                self.pending += out
+                self.output_bytes += len(out)
                 data = self.frame.unused_data if self.frame.eof else b""
                 if self.frame.eof:
+                    self.verified_bytes = self.output_bytes
                     self.frame = self.decompressor.decompressobj()
                     self.frame_started = False
         except zstandard.ZstdError as err:

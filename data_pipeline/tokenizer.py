@@ -16,6 +16,12 @@ Specs (`load_tokenizer(spec)`):
 Every tokenizer has `encode(str) -> list[int]` (special-token text in the input is encoded as plain text),
 `decode(list[int]) -> str`, `vocab_size`, `eos_id`, `name` (stable across machines: no folders) and
 `vocab_hash` (sha256 of the vocabulary and rules; prepared data records it, and a mismatch is an error).
+
+The tiktoken hash covers what decides the tokens: the ranks, the special tokens, and the pre-tokenization
+rule, where known spellings of one rule count as one (GPT-2's pattern is written three ways: the original
+release, tiktoken before 0.8, tiktoken since). So tiktoken's cached `gpt2` / `r50k_base` and the
+`gpt2.tiktoken` ranks file (openai-whisper ships it) get the same hash. Hashes of the earlier scheme
+(the pattern's text) are still accepted by `check_tokenizer`.
 """
 
 from __future__ import annotations
@@ -29,8 +35,17 @@ from typing import Protocol
 
 from data_pipeline.errors import TokenizerError, TokenizerMismatchError
 
-# GPT-2's pre-tokenization pattern (tiktoken's r50k_pat_str).
+# GPT-2's pre-tokenization pattern (tiktoken's r50k_pat_str before tiktoken 0.8).
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Spellings of one pre-tokenization rule, which split every text identically (tiktoken's comment on
+# r50k_pat_str; tests/data/test_data_tokenizer.py checks it on edge cases): the hash uses the rule's name.
+PATTERN_RULES = {
+    # GPT-2's release (encoder.py), also openai-whisper's tokenizer
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""": "gpt2",
+    GPT2_PAT_STR: "gpt2",
+    # tiktoken >= 0.8 (possessive quantifiers; what its cached gpt2, r50k_base and p50k_base use)
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""": "gpt2",
+}
 ENDOFTEXT = "<|endoftext|>"
 HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
 
@@ -63,6 +78,7 @@ class TiktokenTokenizer:
             )
         self.eos_id = encoding._special_tokens[eos_token]
         self.vocab_hash = _hash_tiktoken(encoding)
+        self.accepted_hashes = frozenset({self.vocab_hash, *_legacy_hashes_tiktoken(encoding)})
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -157,9 +173,10 @@ def token_dtype(vocab_size: int) -> str:
 def check_tokenizer(tokenizer: Tokenizer, expected: dict, where: str) -> None:
     """Raise TokenizerMismatchError unless `tokenizer` has the vocabulary hash recorded in `expected`.
 
-    `expected` is the manifest's "tokenizer" entry; `where` names the manifest for the message.
+    `expected` is the manifest's "tokenizer" entry; `where` names the manifest for the message. A tokenizer
+    may accept more than its own hash (`accepted_hashes`: the same tokenization hashed by an earlier scheme).
     """
-    if tokenizer.vocab_hash != expected["vocab_hash"]:
+    if expected["vocab_hash"] not in getattr(tokenizer, "accepted_hashes", {tokenizer.vocab_hash}):
         raise TokenizerMismatchError(
             f"{where}: tokenizer {tokenizer.spec} ({tokenizer.name}, vocab {tokenizer.vocab_size}, "
             f"hash {tokenizer.vocab_hash[:12]}) is not the one the data was prepared with "
@@ -241,9 +258,33 @@ def _load_tiktoken(arg: str, spec: str) -> TiktokenTokenizer:
 
 
 def _hash_tiktoken(encoding) -> str:
+    """sha256 of the ranks, the pre-tokenization rule (by name when it is a known spelling) and the
+    special tokens: equal for encodings that tokenize every text the same way."""
+    digest = _ranks_digest(encoding)
+    rule = PATTERN_RULES.get(encoding._pat_str)
+    digest.update(b"rule:" + (rule.encode() if rule else b"pattern:" + encoding._pat_str.encode()) + b"\n")
+    digest.update(json.dumps(encoding._special_tokens, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _legacy_hashes_tiktoken(encoding) -> list[str]:
+    """Hashes of data prepared before the rule names (the pattern's text as written), for this encoding's
+    pattern and every other spelling of its rule."""
+    rule = PATTERN_RULES.get(encoding._pat_str)
+    spellings = [p for p, r in PATTERN_RULES.items() if r == rule] if rule else [encoding._pat_str]
+    ranks = _ranks_digest(encoding)
+    specials = json.dumps(encoding._special_tokens, sort_keys=True).encode()
+    hashes = []
+    for pattern in spellings:
+        digest = ranks.copy()
+        digest.update(pattern.encode())
+        digest.update(specials)
+        hashes.append(digest.hexdigest())
+    return hashes
+
+
+def _ranks_digest(encoding):
     digest = hashlib.sha256()
     for token, rank in sorted(encoding._mergeable_ranks.items(), key=_rank):
         digest.update(base64.b64encode(token) + b" %d\n" % rank)
-    digest.update(encoding._pat_str.encode())
-    digest.update(json.dumps(encoding._special_tokens, sort_keys=True).encode())
-    return digest.hexdigest()
+    return digest

@@ -55,6 +55,8 @@ def check_config(config: str | Path, overrides: list[str], world_size: int | Non
         cfg = load_config(config, overrides)
         if world_size is not None:
             derive(cfg, world_size)
+            # what the trainer will read beyond the config (the data folder), checked as it will check it
+            load_config(config, overrides, for_training=True)
     except ConfigError as err:
         raise LaunchError(f"config error: {err}") from None
     return cfg

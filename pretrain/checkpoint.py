@@ -4,18 +4,20 @@ Layout of `RUN/checkpoints/step_{step:08d}/`: DCP files for {"model", "optim"} (
 `rng_rank{r}.json` per rank, `train_state.json`, `config.yaml`, and, written last, `meta.json` with the size
 and sha256 of every file. The folder is written as `step_...tmp` and renamed when complete.
 
-Loading never executes pickled code: tensors are read with `torch.load(weights_only=True)` by DCP, the
-DCP metadata file through a restricted unpickler that only builds DCP's own metadata classes, and
-everything else is JSON.
+Loading never executes code stored in the folder (see pretrain/safe_dcp.py): `.metadata` goes through an
+unpickler with an exact allow-list, tensor records must be torch zip records read with `weights_only=True`,
+byte entries where a tensor is expected are refused, and everything else is JSON or YAML.
+
+A checkpoint is usable when every file in its folder is listed in meta.json with its size and sha256 and
+matches, and it loads. Resume takes the newest usable one, falling back past any that fail either test; when
+none is usable it stops with the reason for each. Pruning (keep_last) counts only verified checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import pickle
 import random
 import shutil
 import warnings
@@ -26,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain.config import CheckpointConfig
+from pretrain.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError
 from pretrain.tensor_parallel import checkpoint_view
 
 log = logging.getLogger(__name__)
@@ -46,36 +48,6 @@ STEP_PREFIX = "step_"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and the reason."""
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds only DCP metadata classes, torch sizes and dtypes, and plain containers."""
-
-    _ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
-    _ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                ("builtins", "slice"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                ("torch.distributed.tensor.placement_types", "Shard"),
-                ("torch.distributed.tensor.placement_types", "Replicate")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(self._ALLOWED_MODULE_PREFIXES) or (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        path = Path(self.path) / ".metadata"
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 def _rank() -> int:
@@ -156,20 +128,61 @@ def _optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     return (_renamed(state, TIED_HEAD, TIED_EMBEDDING) if rename else state), full["param_groups"], rename
 
 
+def _fingerprint(folder: Path) -> tuple:
+    """(name, size, mtime) of every file: a verified folder whose fingerprint is unchanged needs no new hashing."""
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
+
+
+def _hash_files(folder: Path, names: list[str]) -> dict[str, dict]:
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
+
+
+class _PendingSave:
+    """An async DCP save in flight; on rank 0 a thread publishes it as soon as the write completes."""
+
+    def __init__(self, future: Any, publish) -> None:
+        import threading
+
+        self.future = future
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(publish,), name="checkpoint-finalize", daemon=True)
+        if _rank() == 0:
+            self.thread.start()
+
+    def _run(self, publish) -> None:
+        try:
+            self.future.result()
+            publish()
+        except BaseException as err:  # re-raised in the training thread by wait()
+            self.error = err
+
+    def wait(self) -> None:
+        self.future.result()
+        if self.thread.ident is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class Checkpointer:
-    """Saves and finds checkpoints of one run; keeps the last K plus every Nth."""
+    """Saves and finds checkpoints of one run; keeps the last K verified ones plus every Nth."""
 
     def __init__(self, run_dir: Path, cfg: CheckpointConfig) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg
-        self._pending: tuple[Any, Path, Path, dict, str] | None = None
+        self._pending: _PendingSave | None = None
+        self._verified: dict[int, tuple] = {}
 
     def folder(self, step: int) -> Path:
         return self.root / f"{STEP_PREFIX}{step:08d}"
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict,
              config_yaml: str, async_save: bool = False) -> Path:
-        """Write checkpoint `step` (all ranks call this). Returns the final folder."""
+        """Write checkpoint `step` (all ranks call this). Returns the final folder.
+
+        With `async_save` the tensors are written in the background and the folder appears (complete, with
+        meta.json) as soon as that write finishes, without waiting for the next save.
+        """
         self.finalize_pending()
         final = self.folder(step)
         tmp = final.with_name(final.name + ".tmp")
@@ -182,51 +195,76 @@ class Checkpointer:
         (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(rng_state()))
         if async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp))
-            self._pending = (future, tmp, final, train_state, config_yaml)
+            self._pending = _PendingSave(future, lambda: self._publish(tmp, final, train_state, config_yaml, None))
         else:
             dcp.save(state, checkpoint_id=str(tmp))
             self._finalize(tmp, final, train_state, config_yaml)
         return final
 
     def finalize_pending(self) -> None:
-        """Wait for an async save in flight and make it visible (all ranks call this)."""
+        """Wait for an async save in flight to be published (all ranks call this)."""
         if self._pending is None:
             return
-        future, tmp, final, train_state, config_yaml = self._pending
-        self._pending = None
-        future.result()
-        self._finalize(tmp, final, train_state, config_yaml)
+        pending, self._pending = self._pending, None
+        pending.wait()
+        _barrier()
 
     def _finalize(self, tmp: Path, final: Path, train_state: dict, config_yaml: str) -> None:
-        mine = [p for p in tmp.iterdir() if p.name.startswith(f"__{_rank()}_") or p.name == f"rng_rank{_rank()}.json"]
-        hashes = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in mine}
+        """Each rank hashes its own files; rank 0 publishes the folder."""
+        rank = _rank()
+        mine = [p.name for p in tmp.iterdir() if p.name.startswith(f"__{rank}_") or p.name == f"rng_rank{rank}.json"]
+        hashes = _hash_files(tmp, mine)
         gathered = [None] * _world()
         if dist.is_initialized():
             dist.all_gather_object(gathered, hashes)
         else:
             gathered = [hashes]
         if _rank() == 0:
-            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
-            (tmp / "config.yaml").write_text(config_yaml)
-            files = {k: v for part in gathered for k, v in part.items()}
-            for name in (".metadata", "train_state.json", "config.yaml"):
-                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-            meta = {"step": train_state["step"], "tokens_seen": train_state["tokens_seen"], "world_size": _world(),
-                    "complete": True, "files": files}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune()
+            self._publish(tmp, final, train_state, config_yaml, {k: v for part in gathered for k, v in part.items()})
         _barrier()
 
+    def _publish(self, tmp: Path, final: Path, train_state: dict, config_yaml: str, files: dict | None) -> None:
+        """Rank 0: write train_state, config and (last) meta.json listing every file, rename, prune."""
+        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+        (tmp / "config.yaml").write_text(config_yaml)
+        if files is None:  # async: every rank's write is complete once rank 0's future is
+            files = _hash_files(tmp, sorted(p.name for p in tmp.iterdir() if p.name != "meta.json"))
+        else:
+            files = {**files, **_hash_files(tmp, [".metadata", "train_state.json", "config.yaml"])}
+        meta = {"step": train_state["step"], "tokens_seen": train_state["tokens_seen"], "world_size": _world(),
+                "complete": True, "files": files}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        self._verified[train_state["step"]] = _fingerprint(final)
+        self._prune()
+
+    def is_verified(self, step: int) -> bool:
+        """Whether checkpoint `step` matches its meta.json (hashed once per process while its files are unchanged)."""
+        folder = self.folder(step)
+        fingerprint = _fingerprint(folder)
+        if self._verified.get(step) == fingerprint:
+            return True
+        if verify_checkpoint(folder) is not None:
+            return False
+        self._verified[step] = fingerprint
+        return True
+
     def _prune(self) -> None:
-        steps = sorted(self.complete_steps())
-        keep = set(steps[-self.cfg.keep_last:]) if self.cfg.keep_last > 0 else set(steps)
+        """Keep the last `keep_last` verified checkpoints (+ every `keep_every`-th); corrupt ones never count."""
+        if self.cfg.keep_last <= 0:
+            return
+        steps = self.complete_steps()
+        good = [s for s in steps if self.is_verified(s)]
+        keep = set(good[-self.cfg.keep_last:])
         if self.cfg.keep_every > 0:
-            keep |= {s for s in steps if s % self.cfg.keep_every == 0}
+            keep |= {s for s in good if s % self.cfg.keep_every == 0}
         for s in steps:
             if s not in keep:
+                if s not in good:
+                    why = verify_checkpoint(self.folder(s))
+                    log.warning("removing corrupt checkpoint %s (%s)", self.folder(s), why)
                 shutil.rmtree(self.folder(s), ignore_errors=True)
 
     def complete_steps(self) -> list[int]:
@@ -236,26 +274,37 @@ class Checkpointer:
                       if p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()
                       and (p / "meta.json").is_file())
 
-    def newest_valid(self) -> Path | None:
-        """The newest checkpoint whose files match meta.json; broken ones are named in a warning and skipped."""
-        for step in reversed(self.complete_steps()):
-            folder = self.folder(step)
-            problem = verify_checkpoint(folder)
-            if problem is None:
-                return folder
-            log.warning("checkpoint %s is unusable (%s); trying the previous one", folder, problem)
-        return None
+    def candidates(self) -> list[Path]:
+        """Every complete checkpoint folder, newest first."""
+        return [self.folder(s) for s in reversed(self.complete_steps())]
+
+
+REQUIRED_FILES = (".metadata", "train_state.json", "config.yaml")
 
 
 def verify_checkpoint(folder: Path) -> str | None:
-    """None when every file listed in meta.json is present with its size and sha256; else what is wrong."""
+    """None when every file of the folder is listed in meta.json with a matching size and sha256; else what is wrong."""
+    folder = Path(folder)
     try:
         meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        files = meta["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                                  for v in files.values()):
+            return "meta.json: 'files' is not a table of {bytes, sha256} per file"
+    except (OSError, ValueError, KeyError, TypeError) as err:
         return f"meta.json unreadable: {err}"
-    for name, info in meta.get("files", {}).items():
+    # every file must be listed: an empty or partial list would otherwise pass vacuously
+    unlisted = sorted(({p.name for p in folder.iterdir()} - {"meta.json"}) - set(files))
+    missing = sorted(set(REQUIRED_FILES) - set(files))
+    if missing:
+        return f"meta.json does not list {', '.join(missing)}"
+    if not any(name.endswith(".distcp") for name in files):
+        return "meta.json lists no tensor file (*.distcp)"
+    if unlisted:
+        return f"{', '.join(unlisted)} not listed in meta.json"
+    for name, info in sorted(files.items()):
         path = folder / name
-        if not path.is_file():
+        if "/" in name or name in ("", ".", "..") or not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != info["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, meta.json says {info['bytes']}"
@@ -264,25 +313,55 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def _broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (one verdict for a shared folder instead of one hash pass per rank)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _dcp_error(folder: Path, err: BaseException) -> CheckpointError:
+    """A CheckpointError naming what failed: our own refusal when there is one, else DCP's last line."""
+    failures = getattr(err, "failures", None) or {}
+    causes = [exc for exc, _ in failures.values()] if failures else [err]
+    for cause in causes:
+        if isinstance(cause, (UnsafeCheckpointError, CheckpointError)):
+            return CheckpointError(str(cause))
+    last = [line for line in str(causes[0]).splitlines() if line.strip()] or [type(causes[0]).__name__]
+    return CheckpointError(f"{folder}: could not be loaded: {last[-1].strip()}")
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    restore_rng: bool = True) -> dict:
+                    restore_rng: bool = True, verify: bool = True) -> dict:
     """Load model (and optimizer) state from `folder` into the given objects (all ranks call this).
 
-    Works under any parallel layout: DCP reshards. Restores this rank's RNG state when the checkpoint has
-    one for it. Returns the train state (step, tokens seen, loader state, ...).
+    Works under any parallel layout: DCP reshards. Verifies the folder against meta.json first (`verify`).
+    Restores this rank's RNG state when the checkpoint has one for it. Returns the train state (step,
+    tokens seen, loader state, ...). Raises CheckpointError naming the folder or file and the reason.
     """
     folder = Path(folder)
     if not (folder / "meta.json").is_file():
         raise CheckpointError(f"{folder}: not a complete checkpoint (no meta.json)")
+    problem = _broadcast(verify_checkpoint(folder) if verify and _rank() == 0 else None)
+    if problem is not None:
+        raise CheckpointError(f"{folder}: corrupted checkpoint: {problem}")
+    reader = SafeFileSystemReader(folder)
+    try:
+        reader.read_metadata()
+        train_state = json.loads((folder / "train_state.json").read_text())
+    except (UnsafeCheckpointError, OSError, ValueError) as err:
+        raise CheckpointError(str(err) if isinstance(err, UnsafeCheckpointError) else f"{folder}: {err}") from None
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         _init_optimizer_state(optimizer)
         state["optim"], param_groups, renamed = _optim_state(model, optimizer)
     try:
         # the view's tensors are views of `state`'s: loading into it fills `state`
-        dcp.load(checkpoint_view(model, state), storage_reader=SafeFileSystemReader(str(folder)))
+        dcp.load(checkpoint_view(model, state), storage_reader=reader, planner=SafeLoadPlanner(folder / ".metadata"))
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
-        raise CheckpointError(f"{folder}: could not be loaded: {err}") from err
+        raise _dcp_error(folder, err) from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         optim = _renamed(state["optim"], TIED_EMBEDDING, TIED_HEAD) if renamed else state["optim"]
@@ -290,32 +369,70 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     rng_file = folder / f"rng_rank{_rank()}.json"
     if restore_rng and rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
-    return json.loads((folder / "train_state.json").read_text())
+    return train_state
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or the newest valid checkpoint of a run folder."""
+def load_newest(folders: list[Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                restore_rng: bool = True, where: Path | None = None) -> tuple[Path, dict]:
+    """Load the first of `folders` (newest first) that verifies and loads; fall back past the others.
+
+    Returns (folder, train state). When none is usable, raises CheckpointError listing each and why.
+    """
+    problems = []
+    for folder in folders:
+        try:
+            return folder, load_checkpoint(folder, model, optimizer, restore_rng=restore_rng)
+        except CheckpointError as err:
+            problems.append(f"{folder.name}: {err}")
+            if folder is not folders[-1]:
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", folder, err)
+    raise CheckpointError(_none_usable(where or (folders[0].parent if folders else Path("?")), problems))
+
+
+def _none_usable(where: Path, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{where}: no usable checkpoint: {problems[0]}"
+    return f"{where}: no usable checkpoint; each was refused:\n  " + "\n  ".join(problems)
+
+
+def resolve_checkpoint(path: Path) -> list[Path]:
+    """The checkpoint folder `path`, or every complete checkpoint of the run folder `path`, newest first."""
     path = Path(path)
     if (path / "meta.json").is_file():
-        return path
-    if (path / "checkpoints").is_dir():
-        found = Checkpointer(path, CheckpointConfig()).newest_valid()
-        if found is not None:
-            return found
+        return [path]
+    found = Checkpointer(path, CheckpointConfig()).candidates() if (path / "checkpoints").is_dir() else []
+    if found:
+        return found
     raise CheckpointError(f"{path}: neither a checkpoint folder (with meta.json) nor a run folder with a complete "
                           "checkpoint under checkpoints/")
 
 
+def load_native(path: str | Path):
+    """(TrainConfig, LanguageModel on CPU in fp32, the checkpoint folder used) from a run or checkpoint folder.
+
+    A run folder gives its newest usable checkpoint (verified, loaded safely; older ones are tried next).
+    """
+    from based_layers import build_model
+    from pretrain.config import ConfigError, load_config
+
+    problems = []
+    for folder in resolve_checkpoint(Path(path)):
+        try:
+            cfg = load_config(folder / "config.yaml")
+        except ConfigError as err:
+            problems.append(f"{folder.name}: {err}")
+            continue
+        model = build_model(cfg.model)
+        try:
+            load_checkpoint(folder, model, None, restore_rng=False)
+        except CheckpointError as err:
+            problems.append(f"{folder.name}: {err}")
+            continue
+        return cfg, model, folder
+    raise CheckpointError(_none_usable(Path(path), problems))
+
+
 def load_model_for_export(path: str | Path):
     """(TrainConfig, LanguageModel on CPU in fp32) from a run folder or a checkpoint folder, on one process."""
-    from based_layers import build_model
-    from pretrain.config import load_config
-
-    folder = resolve_checkpoint(Path(path))
-    problem = verify_checkpoint(folder)
-    if problem is not None:
-        raise CheckpointError(f"{folder}: corrupted checkpoint: {problem}")
-    cfg = load_config(folder / "config.yaml")
-    model = build_model(cfg.model)
-    load_checkpoint(folder, model, None, restore_rng=False)
+    cfg, model, _ = load_native(path)
     return cfg, model

@@ -1,5 +1,10 @@
 """Metrics: one row per logged step into metrics.jsonl and TensorBoard, plus a console progress bar with ETA.
 
+After a resume at step S, the rows of steps after S (written before the run stopped, and about to be redone)
+move from metrics.jsonl to metrics.superseded.jsonl, and TensorBoard hides its events from step S+1 on (a
+purge step on the new writer), so each step has one row. Rows are strict JSON: a non-finite number is
+written as null.
+
 Throughput and MFU come from the architecture-aware FLOPs model (`pretrain.flops`). The peak is the
 device's dense bf16 rate (known GPUs below, or `logging.peak_tflops_per_device`).
 """
@@ -7,6 +12,8 @@ device's dense bf16 rate (known GPUs below, or `logging.peak_tflops_per_device`)
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -39,7 +46,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 class MetricsLogger:
     """Writes rows on rank 0 only; other ranks hold a logger that does nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, progress_bar: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, progress_bar: bool,
+                 start_step: int = 0) -> None:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -47,11 +55,13 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        supersede_rows_after(run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            # hides earlier events of steps >= start_step + 1 (they are redone from here)
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
         if progress_bar:
             from tqdm import tqdm
 
@@ -67,7 +77,7 @@ class MetricsLogger:
     def log(self, step: int, row: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, **_strict(row)}, allow_nan=False) + "\n")
         if self._tb is not None:
             for key, value in row.items():
                 self._tb.add_scalar(key, value, step)
@@ -94,3 +104,33 @@ class MetricsLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _strict(row: dict) -> dict:
+    """The row with non-finite floats as null (JSON has no NaN or Infinity)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def supersede_rows_after(path: Path, step: int) -> None:
+    """Move rows of steps after `step` (and unreadable lines) from `path` to metrics.superseded.jsonl.
+
+    The file is rewritten through a temporary file and a rename, so an interruption leaves the old or the
+    new one, never half.
+    """
+    if not path.is_file():
+        return
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            current = isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step
+        except ValueError:
+            current = False
+        (keep if current else moved).append(line)
+    if not moved:
+        return
+    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+        f.write("".join(line + "\n" for line in moved))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

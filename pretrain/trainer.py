@@ -21,8 +21,9 @@ import torch
 
 from based_layers import build_model
 from data_pipeline.loader import GlobalOrderLoader, ValidationLoader
-from pretrain.checkpoint import Checkpointer, load_checkpoint
+from pretrain.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_newest
 from pretrain.config import TrainConfig, derive, to_yaml
+from pretrain.data_check import check_data_matches_config
 from pretrain.distributed import DistInfo, all_reduce_max, all_reduce_mean, seed_everything
 from pretrain.flops import training_flops_per_token
 from pretrain.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
-    """Raised under `nonfinite_policy: stop` after the last good state was checkpointed."""
+    """Raised under `nonfinite_policy: stop`, or after `nonfinite_skip_limit` consecutive skipped steps under
+    `skip`, once the last good state was checkpointed."""
 
 
 class SignalFlag:
@@ -65,6 +67,8 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    # skipped steps in a row up to now; `nonfinite_skip_limit` of them stop the run
+    consecutive_skips: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -81,6 +85,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)
         check_layout(cfg, self.derived)
+        check_data_matches_config(cfg)
         model = build_model(cfg.model).to(dist_info.device)
         self.model = parallelize(model, cfg, self.derived, dist_info)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim, dist_info.device)
@@ -90,8 +95,8 @@ class Trainer:
         self.signals = SignalFlag()
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops_per_device)
-        self.metrics = MetricsLogger(self.run_dir, dist_info.is_main, cfg.logging.tensorboard, cfg.schedule.max_steps,
-                                     cfg.logging.progress_bar)
+        # opened by fit() only after the resume succeeded: a failed resume writes nothing into the run folder
+        self.metrics: MetricsLogger | None = None
 
     def _train_loader(self) -> GlobalOrderLoader:
         d = self.cfg.data
@@ -109,23 +114,52 @@ class Trainer:
         on_device = batch_to_device(batch, self.dist.device, self.cfg.data.reset_state_at_doc_boundaries)
         return self.model.loss(on_device, autocast=self._autocast)
 
-    def resume(self) -> None:
-        """Load the checkpoint that `checkpoint.resume` names: auto = newest valid in the run folder."""
+    def resume(self) -> Path | None:
+        """Load the checkpoint that `checkpoint.resume` names; returns its folder (None: a fresh start).
+
+        auto: the newest checkpoint of the run folder that verifies and loads, falling back past broken ones;
+        when the run folder has checkpoints and none is usable this raises CheckpointError listing each (start
+        over explicitly with checkpoint.resume=none or a new run_dir). PATH: that checkpoint, verified.
+        """
         choice = self.cfg.checkpoint.resume
         if choice == "none":
-            return
-        folder = self.checkpointer.newest_valid() if choice == "auto" else Path(choice)
-        if folder is None:
-            return
-        ts = load_checkpoint(folder, unwrap(self.model), self.optimizer)
-        self.state = TrainState(ts["step"], ts["tokens_seen"], ts["skipped_steps"])
-        self.loader.load_state_dict(ts["loader"])
-        self.metrics.message(f"resumed from {folder} at step {self.state.step}")
+            return None
+        model = unwrap(self.model)
+        if choice == "auto":
+            candidates = self.checkpointer.candidates()
+            if not candidates:
+                return None
+            try:
+                folder, ts = load_newest(candidates, model, self.optimizer, where=self.checkpointer.root)
+            except CheckpointError as err:
+                raise CheckpointError(f"{err}\nNothing was changed in {self.run_dir}. Restore or remove these "
+                                      "checkpoints, or start over with checkpoint.resume=none or a new "
+                                      "run_dir.") from None
+        else:
+            folder = Path(choice)
+            ts = load_checkpoint(folder, model, self.optimizer)
+        try:
+            self.state = TrainState(ts["step"], ts["tokens_seen"], ts["skipped_steps"],
+                                    ts.get("consecutive_skips", 0))
+            self.loader.load_state_dict(ts["loader"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{folder / 'train_state.json'}: not a train state this trainer wrote "
+                                  f"({err!r})") from None
+        return folder
+
+    def _open_run_folder(self) -> None:
+        """config.yaml and the metrics writers, once the resume succeeded (rows after the resumed step go)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        log_cfg = self.cfg.logging
+        self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, log_cfg.tensorboard, self.cfg.schedule.max_steps,
+                                     log_cfg.progress_bar, start_step=self.state.step)
 
     def save(self, loader_state: dict | None = None, failed_step: int | None = None) -> Path:
         train_state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
-                       "skipped_steps": self.state.skipped_steps, "loader": loader_state or self.loader.state_dict(),
-                       "world_size": self.dist.world_size}
+                       "skipped_steps": self.state.skipped_steps, "consecutive_skips": self.state.consecutive_skips,
+                       "loader": loader_state or self.loader.state_dict(), "world_size": self.dist.world_size}
         if failed_step is not None:
             train_state["failed_step"] = failed_step
         return self.checkpointer.save(self.state.step, unwrap(self.model), self.optimizer, train_state,
@@ -185,10 +219,10 @@ class Trainer:
     def fit(self) -> int:
         """Train to `schedule.max_steps`. Returns the process exit code (0 also after a signal)."""
         self.signals.install()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        self.resume()
+        resumed = self.resume()
+        self._open_run_folder()
+        if resumed is not None:
+            self.metrics.message(f"resumed from {resumed} at step {self.state.step}")
         self.metrics.set_start(self.state.step)
         batches = iter(self.loader)
         try:
@@ -209,6 +243,8 @@ class Trainer:
             out = self.train_step(batches)
             if not out["finite"]:
                 self._non_finite(out, loader_before)
+            else:
+                self.state.consecutive_skips = 0
             self.state.step += 1
             self.state.tokens_seen += self.derived.tokens_per_step
             self._after_step(out)
@@ -218,14 +254,27 @@ class Trainer:
         return 0
 
     def _non_finite(self, out: dict, loader_before: dict) -> None:
-        self.state.skipped_steps += 1
+        """Skip the step (no update), or stop: under `stop`, or after `nonfinite_skip_limit` skips in a row.
+
+        A stop saves the state before this step with `failed_step`; the step is not counted as skipped,
+        since a resume from that checkpoint runs it again.
+        """
         what = f"non-finite loss {out['loss']} / grad norm {out['grad_norm']} at step {self.state.step}"
+        limit = self.cfg.nonfinite_skip_limit
         if self.cfg.nonfinite_policy == "stop":
-            folder = self.save(loader_state=loader_before, failed_step=self.state.step)
-            raise NonFiniteError(f"{what}: stopped (nonfinite_policy=stop); the last good state is in {folder} "
-                                 "(no update was applied). Resume from it with a lower optim.lr, or set "
-                                 "nonfinite_policy=skip to skip such steps.")
-        self.metrics.message(f"{what}: step skipped (no update; {self.state.skipped_steps} skipped so far)")
+            why = "nonfinite_policy=stop"
+        elif self.state.consecutive_skips >= limit:
+            why = f"{limit} steps in a row were already skipped, nonfinite_skip_limit={limit}"
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_skips += 1
+            self.metrics.message(f"{what}: step skipped (no update; {self.state.skipped_steps} skipped so far, "
+                                 f"{self.state.consecutive_skips} in a row)")
+            return
+        folder = self.save(loader_state=loader_before, failed_step=self.state.step)
+        raise NonFiniteError(f"{what}: stopped ({why}); the last good state is in {folder} (no update was applied). "
+                             "Resume from it with a lower optim.lr, or set nonfinite_policy=skip (and "
+                             "nonfinite_skip_limit) to skip such steps.")
 
     def _after_step(self, out: dict) -> None:
         cfg, step = self.cfg, self.state.step

@@ -14,6 +14,9 @@ Before DIR appears, the exporter loads the written folder through `transformers`
 the native model's on sample input (plain and left-padded batches) and its greedy `generate` with
 tools/generate.py; any difference beyond the tolerance is an error. Everything is written to a
 temporary sibling folder that is renamed to DIR only when all checks pass; on an error nothing is left.
+DIR and its files get the modes the umask gives (0755 / 0644 under umask 022). export_info.json records what
+was exported as RUN_NAME/checkpoints/step_N (never this machine's folders), the step, the git revision and
+the verification.
 
 CHECKPOINT: a trainer run folder (newest complete checkpoint), a checkpoint folder, or a published-format
 folder (config.json + pytorch_model.bin / model.safetensors of hazyresearch/based-*, attn-*, mamba-*).
@@ -185,17 +188,15 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", toke
             tokenizer = load_tokenizer_for(loaded, tokenizer_spec)
         except Exception as err:
             raise ExportError(f"{err} (or pass --no-tokenizer to export the model alone)") from err
-        if tokenizer.vocab_size > loaded.model.cfg.padded_vocab_size:
-            raise ExportError(f"the tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model only "
-                              f"{loaded.model.cfg.padded_vocab_size} embedding rows: wrong tokenizer for this model?")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        provenance = {"source": str(Path(checkpoint).resolve()), "source_kind": loaded.kind, "step": loaded.step,
+        provenance = {"source": source_id(loaded), "source_kind": loaded.kind, "step": loaded.step,
                       "git_revision": _git_revision(), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         info = write_export(loaded, staging, dtype, tokenizer, provenance)
         info["verification"] = verify_export(staging, loaded, dtype)
         (staging / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        apply_umask(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -203,6 +204,27 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", toke
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return info
+
+
+def source_id(loaded: LoadedModel) -> str:
+    """What was exported, without this machine's folders: RUN_NAME/checkpoints/step_N for a trainer
+    checkpoint, else the folder's name."""
+    folder = loaded.checkpoint_dir or loaded.path
+    folder = Path(folder).resolve()
+    if folder.parent.name == "checkpoints":
+        return str(folder.relative_to(folder.parent.parent.parent))
+    return folder.name
+
+
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain mkdir / open would have under the umask:
+    mkdtemp makes 0700 and safetensors writes 0600, which colleagues on a shared filesystem cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _git_revision() -> str | None:

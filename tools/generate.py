@@ -332,12 +332,24 @@ class StaticStep:
         return logits
 
 
+def continuation_text(tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text that `new` adds after `prompt`: the whole sequence decoded, minus the prompt's text.
+
+    Decoding `new` alone loses what depends on the tokens before it: SentencePiece drops the leading space
+    of a first piece "▁Oslo", so "Alice lives in" + decode(new) would read "Alice lives inOslo".
+    """
+    whole = tokenizer.decode(list(prompt) + list(new))
+    head = tokenizer.decode(list(prompt))
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(new))
+
+
 def has_attention(model) -> bool:
     return any(isinstance(b.mixer, CausalSelfAttention) for b in model.transformer.layers.values())
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.model_io import load_model, load_tokenizer_for
+    from data_pipeline.errors import TokenizerError
+    from tools.model_io import ModelLoadError, load_model, load_tokenizer_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -357,18 +369,21 @@ def main(argv: list[str] | None = None) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    loaded = load_model(args.checkpoint)
+    try:
+        loaded = load_model(args.checkpoint)
+        tokenizer = load_tokenizer_for(loaded, args.tokenizer)
+    except (ModelLoadError, TokenizerError) as err:
+        print(f"generate: error: {err}", file=sys.stderr)
+        return 1
     model = loaded.model.to(device=device, dtype=getattr(torch, dtype_name)).eval()
-    tokenizer = load_tokenizer_for(loaded, args.tokenizer)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     graphs = device.startswith("cuda") and args.cuda_graph != "off"
     generator = torch.Generator(device=device).manual_seed(args.seed)
     result = generate(model, prompts, args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p),
                       eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id, generator=generator, cuda_graph=graphs,
                       stop_at_eos=not args.no_stop_at_eos)
-    for prompt, tokens in zip(args.prompt, result.tokens, strict=True):
-        text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
-        print(f"{prompt}{text}")
+    for text, ids, tokens in zip(args.prompt, prompts, result.tokens, strict=True):
+        print(f"{text}{continuation_text(tokenizer, ids, [t for t in tokens if t != tokenizer.eos_id])}")
         print("-" * 40)
     new = sum(len(t) for t in result.tokens)
     print(f"[{new} new tokens; prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_s * 1e3:.1f} ms, "

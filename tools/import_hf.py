@@ -8,7 +8,9 @@ RUN_DIR gets a trainer checkpoint `checkpoints/step_00000000/` (the weights, a f
 
     python -m pretrain.train RUN_DIR/config.yaml run_dir=RUN_DIR data.path=...   # resumes from step 0
 
-and `tools/export_hf.py`, `tools/generate.py` and the lm-eval model accept RUN_DIR (or DIR itself).
+and `tools/export_hf.py`, `tools/generate.py` and the lm-eval model accept RUN_DIR (or DIR itself). The run's
+config names no data (`data.path` is empty) and records the published tokenizer, GPT-2's (`data.tokenizer:
+tiktoken:gpt2`), for the tools. RUN_DIR must be new or empty.
 
 What is mapped (docs: shared reference §3 "checkpoint / HF format"):
 - Based: GPT2Config-style keys n_embd, n_layer, n_inner, vocab_size, pad_vocab_size_multiple,
@@ -256,12 +258,24 @@ def load_published(folder: str | Path) -> LanguageModel:
     return import_state_dict(config, state)
 
 
-def write_run(model: LanguageModel, run_dir: Path, source: str) -> Path:
-    """A trainer checkpoint at step 0 of `model` plus RUN/config.yaml; returns the checkpoint folder."""
-    from pretrain.checkpoint import Checkpointer
-    from pretrain.config import CheckpointConfig, TrainConfig, to_yaml
+# every published checkpoint was trained on GPT-2 tokens (the Mamba configs declare 50277 rows, see
+# tools/model_io.py); the tools refuse it for a model of another vocabulary size
+PUBLISHED_TOKENIZER = "tiktoken:gpt2"
+GPT2_VOCAB_SIZES = (50257, 50277)
 
-    cfg = TrainConfig(run_name=run_dir.name, run_dir=str(run_dir), model=model.cfg)
+
+def write_run(model: LanguageModel, run_dir: Path, source: str, tokenizer: str = "") -> Path:
+    """A trainer checkpoint at step 0 of `model` plus RUN/config.yaml; returns the checkpoint folder.
+
+    The run names no data (`data.path` is empty: continued pretraining sets it) and records the model's
+    tokenizer as `data.tokenizer`, so the tools never take a data folder's tokenizer (data/tiny's) for it.
+    """
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.config import CheckpointConfig, DataConfig, TrainConfig, to_yaml
+
+    _check_new_folder(run_dir)
+    cfg = TrainConfig(run_name=run_dir.name, run_dir=str(run_dir), model=model.cfg,
+                      data=DataConfig(path="", tokenizer=tokenizer))
     model = model.float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     train_state = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "loader": {"consumed_samples": 0},
@@ -272,19 +286,38 @@ def write_run(model: LanguageModel, run_dir: Path, source: str) -> Path:
     return Checkpointer(run_dir, CheckpointConfig(keep_last=0)).save(0, model, optimizer, train_state, yaml_text)
 
 
+def _check_new_folder(run_dir: Path) -> None:
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise PublishedFormatError(f"--out {run_dir} exists and is not an empty folder; choose a new folder")
+
+
+def published_tokenizer(src: Path, model: LanguageModel) -> str:
+    """The tokenizer spec to record for an import of `src`, or "" (with a note) when it cannot be GPT-2's."""
+    if model.cfg.vocab_size in GPT2_VOCAB_SIZES and not (src / "tokenizer.json").is_file():
+        return PUBLISHED_TOKENIZER
+    print(f"import_hf: note: {src} is not a GPT-2-vocabulary model (vocab_size {model.cfg.vocab_size}"
+          f"{', has its own tokenizer.json' if (src / 'tokenizer.json').is_file() else ''}); no tokenizer is "
+          "recorded: pass --tokenizer SPEC to the tools", file=sys.stderr)
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="folder with the published config.json and weights")
     parser.add_argument("--out", required=True, help="run folder to create (checkpoint at step 0 + config.yaml)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     try:
+        _check_new_folder(out)  # before the (long) load of the weights
         model = load_published(args.src)
+        tokenizer = published_tokenizer(Path(args.src), model)
+        folder = write_run(model, out, str(Path(args.src).resolve()), tokenizer)
     except PublishedFormatError as err:
         print(f"import_hf: error: {err}", file=sys.stderr)
         return 1
-    folder = write_run(model, Path(args.out), str(Path(args.src).resolve()))
     cfg = model.cfg
-    print(f"imported {args.src} ({cfg.family}, {model.num_parameters():,} parameters, {cfg.n_layer} layers) -> {folder}")
+    print(f"imported {args.src} ({cfg.family}, {model.num_parameters():,} parameters, {cfg.n_layer} layers) -> {folder}"
+          f"; tokenizer: {tokenizer or 'none recorded'}")
     print(f"continue pretraining: python -m pretrain.train {args.out}/config.yaml run_dir={args.out} data.path=DATA")
     return 0
 

@@ -8,9 +8,11 @@ modules). From Python: `import tools.lm_eval_model` and then
 `lm_eval.simple_evaluate(model="based_pretrain", model_args="pretrained=...")`.
 
 model_args: pretrained (run folder, checkpoint folder, tools/export_hf.py folder or published-format
-folder), tokenizer (a tokenizer spec; default: the one the folder names), device (auto), dtype (auto:
+folder), tokenizer (a tokenizer spec; default: the one the folder names), device (auto; a CUDA device
+on a machine without CUDA falls back to the CPU with a warning), dtype (auto:
 bfloat16 on CUDA, float32 otherwise), max_length (default: the training sequence length, or 2048),
-batch_size, cuda_graph (decode with CUDA graphs; default true on CUDA).
+batch_size, cuda_graph (decode with CUDA graphs; default true on CUDA). What model_args say wins over
+lm-eval's `--device` / `--batch_size`.
 
 - loglikelihood / loglikelihood_rolling: one parallel forward per (right-padded) batch.
 - generate_until: left-padded batches through tools/generate.py (recurrent decode; pads are their own
@@ -20,6 +22,7 @@ batch_size, cuda_graph (decode with CUDA graphs; default true on CUDA).
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -34,14 +37,33 @@ if __package__ in (None, ""):
 import lm_eval.models  # noqa: E402, F401
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
+from lm_eval.utils import (  # noqa: E402
+    get_rolling_token_windows,
+    make_disjoint_window,
+    simple_parse_args_string,
+)
 
-from tools.generate import Sampling, generate  # noqa: E402
+from tools.generate import Sampling, continuation_text, generate  # noqa: E402
 from tools.model_io import load_model, load_tokenizer_for  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def _flag(value) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
+def _resolve_device(device: str | None) -> str:
+    """auto: CUDA when there is one; a CUDA device on a machine without CUDA falls back to the CPU with a
+    warning (lm-eval passes cuda:0 unless told otherwise; its own HF class falls back the same way)."""
+    if device in ("auto", None, ""):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("based_pretrain: device %s requested but CUDA is not available here; running on the CPU",
+                       device)
+        return "cpu"
+    return device
 
 
 @register_model("based_pretrain")
@@ -51,7 +73,7 @@ class BasedPretrainLM(TemplateLM):
                  max_batch_size: int | None = None, **kwargs) -> None:
         super().__init__()
         loaded = load_model(pretrained)
-        self._device = ("cuda" if torch.cuda.is_available() else "cpu") if device in ("auto", None) else device
+        self._device = _resolve_device(device)
         dtype = ("bfloat16" if self._device.startswith("cuda") else "float32") if dtype in ("auto", None) else dtype
         self.model = loaded.model.to(device=self._device, dtype=getattr(torch, dtype)).eval()
         self.tokenizer = load_tokenizer_for(loaded, tokenizer)
@@ -59,6 +81,17 @@ class BasedPretrainLM(TemplateLM):
         self.max_length = int(max_length or loaded.seq_len or 2048)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.cuda_graph = self._device.startswith("cuda") if cuda_graph is None else _flag(cuda_graph)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> BasedPretrainLM:
+        """lm-eval's constructor path: `model_args` win over the command line's batch_size / device (which
+        lm-eval always passes, device cuda:0 by default), instead of colliding with them."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> BasedPretrainLM:
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     @property
     def device(self) -> str:
@@ -149,8 +182,8 @@ class BasedPretrainLM(TemplateLM):
         result = generate(self.model, prompts, max_new, sampling, eos_id=self.eot_token_id, pad_id=self.eot_token_id,
                           cuda_graph=self.cuda_graph, should_stop=stop)
         texts = []
-        for tokens in result.tokens:
-            text = self.tok_decode([t for t in tokens if t != self.eot_token_id])
+        for prompt, tokens in zip(prompts, result.tokens, strict=True):
+            text = continuation_text(self.tokenizer, prompt, [t for t in tokens if t != self.eot_token_id])
             for u in until:
                 text = text.split(u)[0]
             texts.append(text)

@@ -31,6 +31,7 @@ class LoadedModel:
     tokenizer_dir: Path | None = None  # a folder with tokenizer.json / tokenizer_config.json
     seq_len: int | None = None
     step: int | None = None
+    checkpoint_dir: Path | None = None  # the trainer checkpoint folder that was loaded (native only)
 
 
 def folder_kind(path: Path) -> str:
@@ -61,19 +62,18 @@ def load_model(path: str | Path) -> LoadedModel:
 def _load_native(path: Path) -> LoadedModel:
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from pretrain.checkpoint import load_model_for_export, resolve_checkpoint
+    from pretrain.checkpoint import load_native
 
-    _explain_unusable_run(path)
     try:
-        cfg, model = load_model_for_export(path)
+        # verified against meta.json, read without running stored code, older checkpoints tried next
+        cfg, model, folder = load_native(path)
     # DCP's CheckpointException derives from BaseException, and its message holds a whole traceback
     except (Exception, CheckpointException) as err:
         raise ModelLoadError(_condense(str(err))) from err
-    folder = resolve_checkpoint(path)
     meta = json.loads((folder / "meta.json").read_text())
-    spec = tokenizer_spec_of_data(Path(cfg.data.path))
+    spec = tokenizer_spec_of_data(cfg.data.path) or cfg.data.tokenizer or None
     return LoadedModel(model.eval(), "native", path, tokenizer_spec=spec, seq_len=cfg.data.seq_len,
-                       step=meta.get("step"))
+                       step=meta.get("step"), checkpoint_dir=folder)
 
 
 def _condense(message: str) -> str:
@@ -84,24 +84,12 @@ def _condense(message: str) -> str:
     return f"{lines[0].split('CheckpointException')[0].rstrip(': ')}: {lines[-1]}"
 
 
-def _explain_unusable_run(path: Path) -> None:
-    """A run folder whose checkpoints are all broken: say what is wrong with each (not just "none found")."""
-    from pretrain.checkpoint import Checkpointer, verify_checkpoint
-    from pretrain.config import CheckpointConfig
-
-    if (path / "meta.json").is_file() or not (path / "checkpoints").is_dir():
-        return
-    ckpt = Checkpointer(path, CheckpointConfig())
-    steps = ckpt.complete_steps()
-    problems = [(ckpt.folder(s), verify_checkpoint(ckpt.folder(s))) for s in steps]
-    if steps and all(p is not None for _, p in problems):
-        lines = "; ".join(f"{folder.name}: corrupted checkpoint: {p}" for folder, p in problems)
-        raise ModelLoadError(f"{path}: no usable checkpoint ({lines})")
-
-
-def tokenizer_spec_of_data(data_dir: Path) -> str | None:
-    """The tokenizer spec recorded in DATA/manifest.json, or None when the folder is not there."""
-    manifest = data_dir / "manifest.json"
+def tokenizer_spec_of_data(data_dir: str | Path) -> str | None:
+    """The tokenizer spec recorded in DATA/manifest.json, or None when the folder is not there (or the run
+    names none: an imported model's `data.path` is empty)."""
+    if not str(data_dir):
+        return None
+    manifest = Path(data_dir) / "manifest.json"
     if not manifest.is_file():
         return None
     return json.loads(manifest.read_text())["tokenizer"]["spec"]
@@ -170,18 +158,38 @@ class DirTokenizer:
 
 
 def load_tokenizer_for(loaded: LoadedModel, spec: str | None = None):
-    """The tokenizer to use with `loaded`: `spec` when given, else the one the folder names."""
+    """The tokenizer to use with `loaded`: `spec` when given, else the one the folder names. A tokenizer
+    whose vocabulary is not the model's is refused (its ids would index the wrong embedding rows, or the
+    model's ids would not decode)."""
     from data_pipeline.tokenizer import load_tokenizer
 
     if spec:
-        return load_tokenizer(spec)
-    if loaded.tokenizer_dir is not None:
-        return DirTokenizer(loaded.tokenizer_dir)
-    if loaded.tokenizer_spec:
-        return load_tokenizer(loaded.tokenizer_spec)
-    raise ModelLoadError(f"{loaded.path}: cannot tell which tokenizer this model uses (the training data's "
-                         "manifest.json is not where the run's config says); pass --tokenizer SPEC, e.g. "
-                         "sentencepiece:/path/tokenizer.model or tiktoken:gpt2")
+        tokenizer, named = load_tokenizer(spec), "--tokenizer"
+    elif loaded.tokenizer_dir is not None:
+        tokenizer, named = DirTokenizer(loaded.tokenizer_dir), str(loaded.tokenizer_dir / "tokenizer.json")
+    elif loaded.tokenizer_spec:
+        tokenizer, named = load_tokenizer(loaded.tokenizer_spec), "the run's data manifest or data.tokenizer"
+    else:
+        raise ModelLoadError(f"{loaded.path}: cannot tell which tokenizer this model uses (the training data's "
+                             "manifest.json is not where the run's config says); pass --tokenizer SPEC, e.g. "
+                             "sentencepiece:/path/tokenizer.model or tiktoken:gpt2")
+    check_vocabulary(tokenizer, loaded.model.cfg.vocab_size, str(loaded.path), named)
+    return tokenizer
+
+
+# the published Mamba configs keep mamba-ssm's default vocab_size (50277, the GPT-NeoX size) although they
+# were trained on GPT-2 tokens (50257): their rows 50257.. are unused (shared reference, "Mamba configs")
+_PUBLISHED_SUPERSETS = {50277: 50257}
+
+
+def check_vocabulary(tokenizer, model_vocab: int, where: str, named: str) -> None:
+    """ModelLoadError unless the tokenizer's vocabulary size is the model's `vocab_size`."""
+    size = tokenizer.vocab_size
+    if size == model_vocab or _PUBLISHED_SUPERSETS.get(model_vocab) == size:
+        return
+    raise ModelLoadError(f"{where}: the tokenizer {getattr(tokenizer, 'name', '?')} (from {named}) has {size} "
+                         f"tokens but the model's vocabulary is {model_vocab}: not this model's tokenizer; pass "
+                         "--tokenizer SPEC of the tokenizer the model was trained with")
 
 
 def to_device(model: LanguageModel, device: str, dtype: str | torch.dtype) -> LanguageModel:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -155,9 +157,48 @@ def test_out_of_vocab_token_is_named(broken_copy):
     token_0 = layout.tokens_offset + layout.tokens_bytes - 2 * layout.sample_tokens
     data[token_0 : token_0 + 2] = b"\xff\xff"
     shard.write_bytes(bytes(data))
+    # a shard whose checksum matches (made that way): the vocabulary check still names the sample
+    crcs = np.fromfile(broken_copy / "train.crc32", "<u4")
+    crcs[0] = zlib.crc32(bytes(data[: layout.record_bytes]))
+    crcs.tofile(broken_copy / "train.crc32")
     store = SampleStore(load_manifest(str(broken_copy)), "train")
     with pytest.raises(ShardError, match="sample 0 of split train holds token 65535"):
         store.read(np.array([0]))
+
+
+def test_flipped_token_byte_is_an_error_naming_shard_and_sample(broken_copy):
+    """Issue 14 item 11: every read checks the sample's crc32, so the trainer's loader never reads a
+    corrupt sample silently (the shard's size is unchanged, so only a checksum can tell)."""
+    manifest = load_manifest(str(broken_copy))
+    layout, shard = manifest.layout, broken_copy / first_train_shard(broken_copy)
+    data = bytearray(shard.read_bytes())
+    sample = 5
+    data[sample * layout.record_bytes + layout.tokens_offset + layout.tokens_bytes - 7] ^= 0x01
+    shard.write_bytes(bytes(data))
+    loader = GlobalOrderLoader(str(broken_copy), global_batch_size=8, micro_batch_size=2)
+    with pytest.raises(
+        ShardError, match=f"{shard}: sample {sample} \\(record {sample} of the shard\\) fails its checksum"
+    ):
+        for _ in itertools.islice(loader, loader.samples_per_epoch // 2 + 1):
+            pass
+    store = SampleStore(manifest, "train")
+    store.read(np.array([sample - 1, sample + 1]))
+    with pytest.raises(ShardError, match=f"sample {sample} "):
+        store.read(np.array([sample]))
+
+
+def test_v1_data_without_checksums_reads_with_a_warning(broken_copy):
+    """Folders of format v1 (before per-sample checksums; identical shards) stay readable, with a warning."""
+    manifest = read_manifest(broken_copy)
+    manifest["format"] = "based-webdataset-v1"
+    for split in manifest["splits"].values():
+        del split["sample_crc32"]
+    (broken_copy / "manifest.json").write_text(json.dumps(manifest))
+    for split in ("train", "val"):
+        (broken_copy / f"{split}.crc32").unlink()
+    with pytest.warns(UserWarning, match="no per-sample checksums"):
+        store = SampleStore(load_manifest(str(broken_copy)), "train")
+    assert store.read(np.arange(3))[0].shape == (3, 33)
 
 
 def test_tokenizer_mismatch_is_named(prepared, sentencepiece_spec):

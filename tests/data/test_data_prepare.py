@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from datatest_utils import make_config, read_manifest
 
 import data_pipeline.prepare as prepare_module
-from data_pipeline.errors import PrepareStateError
+from data_pipeline.errors import BadRecordError, PrepareStateError
 from data_pipeline.loader import SampleStore
 from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import prepare
@@ -158,3 +160,119 @@ def test_val_input_files(tmp_path, corpus_file, tiktoken_spec, corpus_texts):
     prepare(config)
     splits = read_manifest(tmp_path / "out")["splits"]
     assert splits["val"]["documents"] == 30 and splits["train"]["documents"] == len(corpus_texts)
+
+
+def _zstd_with_checksum(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+
+
+def _garbled_twin(good: bytes, start: int) -> bytes:
+    """A one-frame zstd file as large as `good`'s whose content has one letter changed after byte `start`
+    (so it still decodes to valid JSON) and whose checksum is `good`'s: zstd reports the mismatch only at
+    the frame's end, after every garbled record was read."""
+    frame = _zstd_with_checksum(good)
+    for offset in range(start, start + 400):
+        for letter in b"qxzjk":
+            if not chr(good[offset]).isalpha() or good[offset] == letter:
+                continue
+            garbled = _zstd_with_checksum(good[:offset] + bytes([letter]) + good[offset + 1 :])
+            if len(garbled) == len(frame):
+                return garbled[:-4] + frame[-4:]
+    raise AssertionError("no same-size garbling found")
+
+
+def test_corrupt_zstd_frame_commits_no_shard_and_the_rerun_rewrites_them(
+    tmp_path, monkeypatch, tiktoken_spec
+):
+    """Issue 14 item 10: records read from a zstd frame whose checksum later fails must not reach a committed
+    checkpoint; after the file is replaced (same size, so the settings are the same) the rerun's shards
+    equal a clean run's, not the garbled ones."""
+    import data_pipeline.sources as sources
+    from data_pipeline.errors import CorruptInputError
+    from data_pipeline.tiny_corpus import generate_documents
+
+    texts = generate_documents(450, seed=5)
+    good = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
+    record_40 = good.index(json.dumps({"text": texts[40]}).encode())
+    path = tmp_path / "in.jsonl.zst"
+    options = {"chunk_records": 8, "shard_samples": 60}
+    # small reads, as for a large file: output reaches the records long before the frame ends
+    monkeypatch.setattr(sources._ZstdRaw, "CHUNK", 2048)
+    path.write_bytes(_zstd_with_checksum(good))
+    clean = prepare(make_config([str(path)], tiktoken_spec, tmp_path / "clean", **options))
+
+    path.write_bytes(_garbled_twin(good, record_40 + 10))
+    config = make_config([str(path)], tiktoken_spec, tmp_path / "out", **options)
+    with pytest.raises(CorruptInputError, match=f"{path}.*checksum"):
+        prepare(config)
+    path.write_bytes(_zstd_with_checksum(good))
+    assert prepare(config)["splits"] == clean["splits"]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "clean"))
+
+
+def test_a_validation_input_that_is_also_an_input_is_refused(tmp_path, corpus_file, tiktoken_spec):
+    """Issue 14 item 14: train and validation must not share documents (also through a link)."""
+    from data_pipeline.errors import InputOverlapError
+
+    link = tmp_path / "val-link.jsonl.zst"
+    link.symlink_to(corpus_file)
+    for val in (corpus_file, str(link)):
+        config = make_config([corpus_file], tiktoken_spec, tmp_path / "out", val_docs=None, val_inputs=[val])
+        with pytest.raises(InputOverlapError, match=f"input {corpus_file} is also a validation input"):
+            prepare(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_after_a_failed_prepare_names_the_changed_setting_and_restart_starts_over(
+    tmp_path, tiktoken_spec, corpus_texts
+):
+    """Issue 14 item 15: fixing the input after a failure changes its size; the rerun says so and offers
+    --restart, which gives the same data as a clean prepare of the fixed input."""
+    lines = [json.dumps({"text": text}) + "\n" for text in corpus_texts]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(lines[:300]) + '{"text": broken\n' + "".join(lines[300:]))
+    config = make_config([str(path)], tiktoken_spec, tmp_path / "out")
+    with pytest.raises(BadRecordError, match=f"{path}:301"):
+        prepare(config)
+    assert (tmp_path / "out" / "train-000000.tar").exists()
+    path.write_text("".join(lines))
+    size = path.stat().st_size
+    with pytest.raises(
+        PrepareStateError, match=f"--input {path} was {size + 16} bytes, now {size}.*--restart"
+    ):
+        prepare(config)
+    assert (
+        prepare(dataclasses.replace(config, restart=True))["splits"]
+        == prepare(make_config([str(path)], tiktoken_spec, tmp_path / "clean"))["splits"]
+    )
+    with pytest.raises(PrepareStateError, match="seq_len was 32, now 16.*--restart"):
+        prepare(dataclasses.replace(config, seq_len=16))
+
+
+def test_out_that_is_a_file_is_a_clean_error(tmp_path, corpus_file, tiktoken_spec, capsys):
+    out = tmp_path / "data.tar"
+    out.write_bytes(b"not a folder")
+    argv = ["--input", corpus_file, "--tokenizer", tiktoken_spec, "--seq-len", "32", "--out", str(out)]
+    assert prepare_module.main(argv + ["--no-progress", "--workers", "1"]) == 1
+    assert f"--out {out} is a file, not a folder" in capsys.readouterr().err
+    assert out.read_bytes() == b"not a folder"
+
+
+def test_rerun_detects_a_deleted_shard_and_restart_rewrites_it(
+    tmp_path, prepared, corpus_file, tiktoken_spec
+):
+    """Issue 14 item 15: a rerun of a finished prepare checks the files the manifest lists."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared, out)
+    (out / "train-000002.tar").unlink()
+    config = make_config([corpus_file], tiktoken_spec, out)
+    with pytest.raises(
+        PrepareStateError, match=f"{out}/train-000002.tar, listed in .*manifest.json, is missing.*--restart"
+    ):
+        prepare(config)
+    (out / "val.crc32").write_bytes(b"")
+    (out / "tokenizer-notes.txt").write_text("the user's own file")
+    assert prepare(dataclasses.replace(config, restart=True))["splits"] == read_manifest(prepared)["splits"]
+    assert (out / "tokenizer-notes.txt").exists()

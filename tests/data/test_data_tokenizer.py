@@ -77,3 +77,49 @@ def test_token_dtype():
     assert (
         token_dtype(50257) == "uint16" and token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
     )
+
+
+EDGE_TEXTS = (
+    *UNICODE_TEXTS,
+    "trailing spaces   ",
+    "   leading and   inner   spaces\n\n\n  indented\n\t\ttabs \t mixed",
+    "it's they're we've I'm you'll he'd IT'S 'quoted'",
+    "numbers 12345 678,90 3.14 and ½ ⅓ ٣",
+    "symbols !!! ??? ... --- ()[]{} <|endoftext|>",
+    "\n",
+    " ",
+)
+
+
+def test_vocab_hash_covers_the_tokenization_not_the_patterns_spelling(tiktoken_spec):
+    """Issue 14 item 13: tiktoken's cache builds GPT-2 with the r50k_pat_str of tiktoken >= 0.8, a ranks
+    file gets the older spelling; they tokenize alike, so the same ranks must get the same hash."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    from data_pipeline.tokenizer import GPT2_PAT_STR, TiktokenTokenizer
+
+    from_file = load_tokenizer(tiktoken_spec)
+    ranks = from_file.encoding._mergeable_ranks
+    specials = from_file.encoding._special_tokens
+    gpt2_release = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    spellings = [r50k_pat_str, GPT2_PAT_STR, gpt2_release]
+    tokenizers = [
+        TiktokenTokenizer(
+            tiktoken.Encoding(f"gpt2-{i}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials),
+            f"spelling-{i}",
+            "tiktoken:gpt2",
+        )
+        for i, pattern in enumerate(spellings)
+    ]
+    for tok in tokenizers:
+        assert tok.vocab_hash == from_file.vocab_hash
+        assert [tok.encode(text) for text in EDGE_TEXTS] == [from_file.encode(text) for text in EDGE_TEXTS]
+    other_rule = tiktoken.Encoding(
+        "other", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens=specials
+    )
+    assert TiktokenTokenizer(other_rule, "other", "other").vocab_hash != from_file.vocab_hash
+    # data prepared with the earlier hash of the same tokenizer is still accepted
+    for old_hash in from_file.accepted_hashes:
+        legacy = {"spec": tiktoken_spec, "vocab_size": from_file.vocab_size, "vocab_hash": old_hash}
+        check_tokenizer(tokenizers[0], legacy, "old/manifest.json")

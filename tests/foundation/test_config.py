@@ -108,3 +108,79 @@ def test_derive_batch_arithmetic():
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config(CONFIGS / "nope.yaml")
+
+
+def test_yaml_syntax_error_is_a_config_error_with_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: [64\ndata:\n  seq_len: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(bad) in str(err.value) and "not valid YAML" in str(err.value) and "line 2" in str(err.value)
+    with pytest.raises(ConfigError, match=r"override 'optim.betas=\[0.9': the value is not valid YAML"):
+        load_config(CONFIGS / "based_tiny.yaml", ["optim.betas=[0.9"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.lr=-1", "optim.lr=0", "schedule.min_lr=-1e-5", "optim.betas=[0.9,1.5]", "logging.log_interval=0"],
+)
+def test_out_of_range_numbers_are_config_errors(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "based_tiny.yaml", [override])
+    assert key in str(err.value) and f"(set by override '{override}')" in str(err.value)
+
+
+def test_error_in_an_override_names_the_override_not_the_file():
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "based_tiny.yaml", ["optim.lr=0.01", "data.seq_len=-3"])
+    message = str(err.value)
+    assert "data.seq_len: -3; expected a positive number (set by override 'data.seq_len=-3')" in message
+    assert "with overrides" in message
+    with pytest.raises(ConfigError, match="^override 'data.seq_len=abc': key 'data.seq_len'"):
+        load_config(CONFIGS / "based_tiny.yaml", ["optim.lr=0.01", "data.seq_len=abc"])
+    with pytest.raises(ConfigError, match="^override 'optim.lr': expected key.sub=value"):
+        load_config(CONFIGS / "based_tiny.yaml", ["optim.lr"])
+
+
+def test_float_for_an_integer_key_is_refused(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"^override 'schedule.max_steps=2.5': key 'schedule.max_steps': 2.5 is not "
+        r"a whole number",
+    ):
+        load_config(CONFIGS / "based_tiny.yaml", ["schedule.max_steps=2.5"])
+    yaml_file = tmp_path / "steps.yaml"
+    yaml_file.write_text("schedule:\n  max_steps: 2.5\nmodel:\n  mixer_layers:\n    linear_attn: [1.0]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(yaml_file)
+    assert str(err.value).startswith(f"{yaml_file}: key 'schedule.max_steps': 2.5 is not a whole number")
+    assert "model.mixer_layers.linear_attn[0]" in str(err.value)
+
+
+def test_missing_data_path_is_a_config_error_for_training_and_the_launcher(tmp_path, capsys):
+    from launch.common import LaunchError, check_config
+    from pretrain.train import main as train_main
+
+    missing = tmp_path / "nope"
+    overrides = [f"data.path={missing}", f"run_dir={tmp_path / 'run'}", "device=cpu"]
+    # the tools load a run's config without its data folder
+    assert load_config(CONFIGS / "based_tiny.yaml", overrides).data.path == str(missing)
+    with pytest.raises(
+        ConfigError, match=f"data.path: '{missing}' does not exist.*set by override 'data.path="
+    ):
+        load_config(CONFIGS / "based_tiny.yaml", overrides, for_training=True)
+    (missing).mkdir()
+    with pytest.raises(ConfigError, match="has no manifest.json"):
+        load_config(CONFIGS / "based_tiny.yaml", overrides, for_training=True)
+    with pytest.raises(LaunchError, match="config error: .*data.path"):
+        check_config(CONFIGS / "based_tiny.yaml", overrides, world_size=1)
+    assert train_main([str(CONFIGS / "based_tiny.yaml"), *overrides]) == 2
+    assert "config error:" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_negative_lr_stops_the_launcher_pre_check():
+    from launch.common import LaunchError, check_config
+
+    with pytest.raises(LaunchError, match="optim.lr: -0.001; expected a positive learning rate"):
+        check_config(CONFIGS / "based_tiny.yaml", ["optim.lr=-1e-3"])

@@ -1,6 +1,7 @@
 """Export to a stock-transformers folder: round trip for the three families, the checks, the failures."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,3 +189,31 @@ def test_tiktoken_tokenizer_export(tmp_path):
         assert converted.encode(text).ids == native.encode(text)
         assert converted.decode(native.encode(text)) == text
     assert converted.token_to_id("<|endoftext|>") == native.eos_id
+
+
+def _modes(folder):
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_export_modes_follow_the_umask(native_runs, tmp_path, umask):
+    """mkdtemp (0700) and safetensors (0600) must not keep colleagues on a shared filesystem out."""
+    old = os.umask(umask)
+    try:
+        export(native_runs["attn"], tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = _modes(tmp_path / "out")
+    assert modes["."] == 0o777 & ~umask and modes["model.safetensors"] == 0o666 & ~umask
+    assert all(mode == (0o777 if (tmp_path / "out" / name).is_dir() else 0o666) & ~umask
+               for name, mode in modes.items()), modes
+
+
+def test_export_info_names_the_run_not_this_machines_folders(exports, native_runs):
+    info, out = exports["based"]
+    run = native_runs["based"]
+    assert info["source"] == f"{run.name}/checkpoints/step_00000007" and info["step"] == 7
+    assert "git_revision" in info and info["source_kind"] == "native"
+    for name in ("export_info.json", "config.json", "tokenizer_config.json", "generation_config.json"):
+        text = (out / name).read_text()
+        assert str(run.parent) not in text and str(out) not in text, name

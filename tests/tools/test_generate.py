@@ -256,3 +256,31 @@ def test_static_kv_attention_runs_sdpa_efficient_kernel_at_head_dim_70():
             y, _ = mixer.step(x[:, 36], static)
         y_ref, _ = inner.step(x[:, 36], state)
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_continuation_keeps_the_space_after_the_prompt(sp_tokenizer):
+    """SentencePiece decodes a first piece "▁Oslo" as "Oslo": the continuation is cut from the whole text."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(f"sentencepiece:{sp_tokenizer}")
+    # the pieces a model continues "Alice lives in" with: "▁Oslo", ".", "▁12"
+    prompt, new = tok.encode("Alice lives in"), tok.encode("Oslo. 12")
+    assert tok.processor.id_to_piece(new[0]) == "▁Oslo" and tok.decode(new) == "Oslo. 12"
+    assert gen.continuation_text(tok, prompt, new) == " Oslo. 12"
+    assert gen.continuation_text(tok, prompt, []) == ""
+
+
+def test_generate_cli_prints_the_whole_sequence_decoded(native_runs, capsys):
+    from tools.model_io import load_model, load_tokenizer_for
+
+    prompts = ["Alice lives in", "the quick brown", "her cat is called", "one two"]
+    assert gen.main(["--checkpoint", str(native_runs["based"]), "--max-new-tokens", "4", "--device", "cpu",
+                     *[arg for p in prompts for arg in ("--prompt", p)]]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("---")]
+    loaded = load_model(native_runs["based"])
+    tok = load_tokenizer_for(loaded)
+    ids = [tok.encode(p) for p in prompts]
+    new = generate(loaded.model, ids, 4, eos_id=tok.eos_id, pad_id=tok.eos_id).tokens
+    # the model starts some continuation with a word-initial piece "▁x": the case that lost its space
+    assert any(tok.processor.id_to_piece(row[0]).startswith("▁") for row in new)
+    assert printed == [tok.decode(i + [t for t in n if t != tok.eos_id]) for i, n in zip(ids, new, strict=True)]

@@ -207,3 +207,63 @@ def test_continued_pretraining_from_an_import(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout + proc.stderr and "step_00000000" in proc.stdout + proc.stderr
     assert (run / "checkpoints" / "step_00000002" / "meta.json").is_file()
+
+
+def _published_folder(root, native):
+    src = root / "published"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(_published_config(native)))
+    torch.save(_published_state(native), src / "pytorch_model.bin")
+    return src
+
+
+def test_import_records_the_published_tokenizer_not_data_tiny(tmp_path, monkeypatch, sp_tokenizer):
+    """Run from a checkout that has data/tiny: an imported GPT-2-vocabulary model still names tiktoken:gpt2."""
+    from conftest import write_manifest
+
+    from tools.import_hf import main
+
+    monkeypatch.chdir(tmp_path)
+    write_manifest(tmp_path / "data" / "tiny", f"sentencepiece:{sp_tokenizer}")
+    src = _published_folder(tmp_path, tiny_model("attn", vocab=50257))
+    assert main(["--src", str(src), "--out", "run"]) == 0
+    assert load_model(tmp_path / "run").tokenizer_spec == "tiktoken:gpt2"
+    cfg = load_config(tmp_path / "run" / "config.yaml")
+    assert (cfg.data.path, cfg.data.tokenizer) == ("", "tiktoken:gpt2")
+
+
+def test_import_refuses_a_non_empty_out(tmp_path, capsys):
+    from tools.import_hf import main
+
+    src = _published_folder(tmp_path, tiny_model("mamba"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["--src", str(src), "--out", str(out)]) == 1
+    assert "not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_tokenizer_of_another_vocabulary_is_refused(tmp_path, sp_tokenizer, capsys):
+    """A 300-token model whose run names a 200-token tokenizer: every tool refuses it, naming both sizes."""
+    from conftest import save_checkpoint, write_manifest
+
+    from tools import generate
+    from tools.export_hf import ExportError, export
+    from tools.lm_eval_model import BasedPretrainLM
+    from tools.model_io import ModelLoadError, load_tokenizer_for
+
+    run = tmp_path / "run"
+    save_checkpoint(tiny_model("attn", vocab=300), run, write_manifest(tmp_path / "data", f"sentencepiece:{sp_tokenizer}"))
+    message = "has 200 tokens but the model's vocabulary is 300: not this model's tokenizer"
+    with pytest.raises(ModelLoadError, match=message):
+        load_tokenizer_for(load_model(run))
+    with pytest.raises(ModelLoadError, match=message):
+        load_tokenizer_for(load_model(run), f"sentencepiece:{sp_tokenizer}")
+    assert generate.main(["--checkpoint", str(run), "--prompt", "Alice", "--device", "cpu"]) == 1
+    assert message in capsys.readouterr().err
+    with pytest.raises(ExportError, match=message):
+        export(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ModelLoadError, match=message):
+        BasedPretrainLM(pretrained=str(run), device="cpu")

@@ -156,3 +156,28 @@ def test_lm_eval_hf_class_on_an_export(task_dir, native_runs, tmp_path):
         for key, value in ours["results"][task].items():
             if isinstance(value, float) and "stderr" not in key:
                 assert hf["results"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the fallback on a machine without CUDA")
+def test_cuda_device_falls_back_to_cpu_without_cuda(native_runs, caplog):
+    """lm-eval passes device cuda:0 unless told otherwise; on a CPU-only machine the model runs on the CPU."""
+    from tools.lm_eval_model import BasedPretrainLM
+
+    with caplog.at_level("WARNING"):
+        lm = BasedPretrainLM(pretrained=str(native_runs["attn"]), device="cuda:0", batch_size=2)
+    assert lm.device == "cpu" and next(lm.model.parameters()).device.type == "cpu"
+    assert "CUDA is not available" in caplog.text
+    assert lm._loglikelihood_tokens([(None, [3, 4, 5], [6])], disable_tqdm=True)[0][0] < 0
+
+
+def test_device_in_model_args_wins_over_the_command_line(native_runs):
+    """`--model_args ...,device=cpu` with lm-eval's own device and batch_size (what simple_evaluate passes)."""
+    from tools.lm_eval_model import BasedPretrainLM
+
+    lm = BasedPretrainLM.create_from_arg_string(
+        f"pretrained={native_runs['attn']},device=cpu,batch_size=3",
+        {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"},
+    )
+    assert (lm.device, lm.batch_size) == ("cpu", 3)
+    lm = BasedPretrainLM.create_from_arg_obj({"pretrained": str(native_runs["attn"])}, {"batch_size": 2, "device": "cpu"})
+    assert (lm.device, lm.batch_size) == ("cpu", 2)
