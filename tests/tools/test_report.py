@@ -32,24 +32,26 @@ TRAIN = (
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
-    """{family: run folder} of based/attn/mamba tiny, 8 steps each on the generated corpus.
-
-    Trained in this process through `pretrain.train.main` (a subprocess would spend most of its time
-    importing torch); the trainer's signal handlers are put back afterwards.
-    """
+def _train(config: str, data: Path, run_dir: Path, *overrides: str) -> None:
+    """pretrain.train in this process (a subprocess would spend most of its time importing torch); the
+    trainer's signal handlers are put back afterwards."""
     from pretrain.train import main as train_main
 
-    root = tmp_path_factory.mktemp("report_runs")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        for family in ("based", "attn", "mamba"):
-            config = str(ROOT / "configs" / f"{family}_tiny.yaml")
-            assert train_main([config, f"data.path={tiny_data}", f"run_dir={root / family}", *TRAIN]) == 0
+        config_path = str(ROOT / "configs" / f"{config}.yaml")
+        assert train_main([config_path, f"data.path={data}", f"run_dir={run_dir}", *TRAIN, *overrides]) == 0
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """{family: run folder} of based/attn/mamba tiny, 8 steps each on the generated corpus."""
+    root = tmp_path_factory.mktemp("report_runs")
+    for family in ("based", "attn", "mamba"):
+        _train(f"{family}_tiny", tiny_data, root / family)
     return {family: root / family for family in ("based", "attn", "mamba")}
 
 
@@ -368,3 +370,22 @@ def test_imported_and_exported_folders_are_reported_without_curves(tiny_runs, tm
     (published / "config.json").write_text(json.dumps({"n_embd": 64}))
     with pytest.raises(RunFolderError, match=r"published.*no 'based_model'.*tools/import_hf.py"):
         read_run(published)
+
+
+def test_a_resumed_run_has_one_row_per_step_and_both_sessions_counted(tiny_data, tmp_path):
+    run = tmp_path / "attn_resumed"
+    _train("attn_tiny", tiny_data, run, "checkpoint.interval=4")
+    shutil.rmtree(run / "checkpoints" / "step_00000008")  # as if the run died after step 8, before its save
+    _train("attn_tiny", tiny_data, run, "checkpoint.interval=4")  # resumes at step 4, redoes 5..8
+    info = read_run(run)
+    assert info.status == "finished" and info.train.steps == list(range(1, STEPS + 1))
+    assert info.val.steps == [4, 8]
+    kept = [r["time/elapsed_s"] for r in _rows(run)]
+    moved = [
+        json.loads(line)["time/elapsed_s"]
+        for line in (run / "metrics.superseded.jsonl").read_text().splitlines()
+    ]
+    restart = next(i for i in range(1, len(kept)) if kept[i] < kept[i - 1])  # the resumed process's first row
+    first_session = kept[:restart]
+    assert info.throughput.sessions == 2
+    assert info.throughput.wall_s == pytest.approx(max(first_session) + max(kept) + max(moved) - min(moved))
