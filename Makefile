@@ -9,9 +9,13 @@ GPUS_PER_NODE ?=
 ARGS ?=
 TINY_DATA ?= data/tiny
 PYTEST_ARGS ?=
+DEVICE ?= H100
+TOKENS_PER_S ?=
+RUNS ?=
+REPORT_OUT ?= reports/latest
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test test-slow test-gpu test-all pretrain tiny-data describe lint format clean
+.PHONY: setup test test-slow test-gpu test-all pretrain tiny-data describe report lint format clean
 
 # A venv with the project installed (editable) and every extra. On a machine without an NVIDIA GPU,
 # torch is pinned to the local CPU build (constraints-cpu.txt); with a GPU, the machine's torch is reused.
@@ -47,8 +51,15 @@ pretrain: setup
 		$(MAKE) --no-print-directory tiny-data; fi
 	$(PYTHON) -m launch.pretrain --config "$(CONFIG)" --nodes "$(NODES)" $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) -- $(ARGS)
 
+# make describe CONFIG=configs/x.yaml [NODES=n] [GPUS_PER_NODE=g] [DEVICE=H100|H200] [TOKENS_PER_S=per-GPU rate]
 describe: setup
-	$(PYTHON) -m pretrain.describe $(CONFIG)
+	$(PYTHON) -m pretrain.describe $(CONFIG) --nodes "$(NODES)" $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
+		--device "$(DEVICE)" $(if $(TOKENS_PER_S),--tokens-per-s $(TOKENS_PER_S))
+
+# make report RUNS="runs/a runs/b ..." [REPORT_OUT=reports/latest]: report.md and figures (tools/report.py)
+report: setup
+	@test -n "$(RUNS)" || { echo 'make report: give the run folders, e.g. make report RUNS="runs/based_360m_10b runs/attn_360m_10b"' >&2; exit 2; }
+	$(PYTHON) tools/report.py $(RUNS) --out "$(REPORT_OUT)"
 
 lint: setup
 	$(PYTHON) -m ruff check .

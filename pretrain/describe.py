@@ -1,4 +1,6 @@
-"""`python -m pretrain.describe CONFIG [--json]`: parameters, layer pattern, recurrent state, FLOPs per token."""
+"""`python -m pretrain.describe CONFIG [--json]`: parameters, layer pattern, recurrent state, FLOPs per token,
+and the estimated wall time and GPU-hours of the whole run (`--nodes`, `--gpus-per-node`, `--device`, or a
+`--tokens-per-s` of your own; see pretrain/cost.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from collections import Counter
 import torch
 
 from based_layers import build_model
-from pretrain.config import ConfigError, TrainConfig, load_config
+from pretrain.config import ConfigError, TrainConfig, derive, load_config
+from pretrain.cost import CostError, estimate_cost
 from pretrain.flops import forward_flops_breakdown, training_flops_per_token
 
 
@@ -57,11 +60,43 @@ def _print_human(info: dict, path: str) -> None:
         print(f"  forward {key:<16s} {value:.4g}")
 
 
+def cost_lines(cfg: TrainConfig, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The cost section (lines to print, JSON fields) for the layout of `args`."""
+    nodes = args.nodes or cfg.launch.nodes
+    per_node = cfg.launch.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
+    gpus = nodes * per_node
+    if cfg.device == "cpu" and args.tokens_per_s is None:
+        return ["estimated cost            config runs on CPU (device: cpu); pass --tokens-per-s to estimate"], {}
+    try:
+        est = estimate_cost(cfg, gpus, args.device, args.tokens_per_s)
+    except CostError as err:
+        return [f"estimated cost            not available: {err}"], {"error": str(err)}
+    lines = [f"estimated cost            {est.total_tokens / 1e9:.2f}B tokens on {gpus} GPUs ({nodes} node{'s' if nodes != 1 else ''} x {per_node}) "
+             f"of {args.device} at {est.tokens_per_s_per_gpu:,.0f} tokens/s/GPU",
+             f"  wall time               {est.wall_s / 3600:,.1f} h ({est.wall_s / 86400:.2f} days; training steps only, "
+             "validation and checkpoints add to it)",
+             f"  GPU-hours               {est.gpu_hours:,.0f}",
+             f"  throughput              {est.basis}",
+             "  assumption              the per-GPU rate holds at any GPU count (multi-GPU scaling not measured yet)"]
+    try:
+        derive(cfg, gpus)
+    except ConfigError as err:
+        lines.append(f"  warning                 this layout cannot run the config: {err}")
+    fields = {"gpus": gpus, "device": args.device, "tokens_per_s_per_gpu": est.tokens_per_s_per_gpu,
+              "total_tokens": est.total_tokens, "wall_s": est.wall_s, "gpu_hours": est.gpu_hours, "basis": est.basis}
+    return lines, fields
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes of the run (default: launch.nodes)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="default: launch.gpus_per_node")
+    parser.add_argument("--device", default="H100", help="GPU whose measured throughput to use (docs/throughput.csv)")
+    parser.add_argument("--tokens-per-s", type=float, default=None,
+                        help="training tokens/s per GPU to use instead of the measured table")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -69,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = describe(cfg)
+    lines, cost = cost_lines(cfg, args)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "cost": cost}, indent=2))
     else:
         _print_human(info, args.config)
+        print("\n".join(lines))
     return 0
 
 

@@ -74,6 +74,9 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo) -> None:
+        # wall-clock origin of this process's session: rows carry time/elapsed_s, from which tools/report.py
+        # adds up wall time and GPU-hours over sessions (the value restarts at 0 after a resume)
+        self._started = time.monotonic()
         self.cfg = cfg
         self.dist = dist_info
         self.derived = derive(cfg, dist_info.world_size)
@@ -194,7 +197,8 @@ class Trainer:
                "perf/tokens_per_s": tokens_per_s, "perf/tokens_per_s_per_device": tokens_per_s / self.dist.world_size,
                "perf/time_data_s": out["time_data"], "perf/time_fwd_bwd_s": out["time_fwd_bwd"],
                "perf/time_optim_s": out["time_optim"], "perf/peak_memory_bytes": peak_memory_bytes(self.dist.device),
-               "train/skipped_steps": self.state.skipped_steps, "train/tokens_seen": self.state.tokens_seen}
+               "train/skipped_steps": self.state.skipped_steps, "train/tokens_seen": self.state.tokens_seen,
+               "time/elapsed_s": time.monotonic() - self._started}
         if self.peak_flops > 0:
             row["perf/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
         return row
@@ -287,7 +291,7 @@ class Trainer:
             self.metrics.log(step, self._step_row(out))
         if cfg.logging.val_interval > 0 and (step % cfg.logging.val_interval == 0 or step == cfg.schedule.max_steps):
             val = self.validate()
-            self.metrics.log(step, {"val/loss": val})
+            self.metrics.log(step, {"val/loss": val, "time/elapsed_s": time.monotonic() - self._started})
             self.metrics.message(f"step {step}: val loss {val:.4f}")
         if cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0:
             self.save()
