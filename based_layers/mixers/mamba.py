@@ -220,6 +220,9 @@ def _mamba_inner(mixer: Mamba, x: torch.Tensor) -> torch.Tensor:
     runs this one call eagerly and compiles the norms, residuals and MLP around it."""
     mamba_inner_fn = _mamba_ssm("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn")
     xz = mixer.in_proj(x).transpose(1, 2)
-    return mamba_inner_fn(xz, mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
-                          mixer.out_proj.weight, mixer.out_proj.bias, -torch.exp(mixer.A_log.float()), None, None,
-                          mixer.D.float(), delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True)
+    # the out_proj bias is added here, not passed in: mamba-ssm 2.3.2's MambaInnerFn.backward returns a 0-d
+    # gradient for it (it sums the 2-D flattened dout over both dims), which autograd rejects
+    y = mamba_inner_fn(xz, mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
+                       mixer.out_proj.weight, None, -torch.exp(mixer.A_log.float()), None, None,
+                       mixer.D.float(), delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True)
+    return y if mixer.out_proj.bias is None else y + mixer.out_proj.bias.to(y.dtype)
