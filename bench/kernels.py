@@ -1,6 +1,10 @@
 """Kernel benchmark on one CUDA GPU: our Triton kernels against peers and the computed floor.
 
-    python bench/kernels.py [--out results.json] [--sweep] [--skip-peers] [--only la,swa,conv,decode]
+    python bench/kernels.py [--out results.json] [--sweep [--sweep-only]] [--skip-peers] [--only la,swa,conv,decode]
+
+--sweep times candidate tiles per shape (linear attention: Dv 64/112/128 x T; window: (W, D) of the
+published models) against the built-in defaults and prints the winners as kernels/tiles.py entries for
+this device kind (H100 / H200 / default); the timings after it use them.
 
 bf16, B*T = 32,768 tokens, 16 heads. Linear attention (feature dim 16) at value head dims 64 (360M),
 112 (1.3B) and 128 (the shape measured in docs/../measured_h100); sliding window at head dims 64, 112, 128;
@@ -121,7 +125,7 @@ def sdpa_causal(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def bench_linear_attention(ceil, peers: bool, rows: list, la_config: dict) -> None:
+def bench_linear_attention(ceil, peers: bool, rows: list) -> None:
     from kernels.taylor_linear_attn.triton_impl import taylor_linear_attention_triton
 
     fla = _import_fla() if peers else None
@@ -131,10 +135,8 @@ def bench_linear_attention(ceil, peers: bool, rows: list, la_config: dict) -> No
             row = {"op": "linear_attn", "shape": f"{name} H16 F16 Dv{dv}", "T": seqlen, "B": batch}
             row["floor"] = la_floor(TOKENS * HEADS, dv, ceil)
             inputs = la_inputs(batch, seqlen, dv)
-            cfg = la_config.get(dv, {})
-            row["ours"] = try_time(
-                "ours", lambda q, k, v, c=cfg: taylor_linear_attention_triton(q, k, v, **c), inputs
-            )
+            # block sizes: kernels/tiles.py for this device and shape (the built-in defaults where it has none)
+            row["ours"] = try_time("ours", taylor_linear_attention_triton, inputs)
             if fla is not None:
                 row["fla_fused_chunk"] = try_time("fla fused_chunk", fla.fused_chunk_based, inputs)
                 row["fla_parallel"] = try_time("fla parallel", fla.parallel_based, inputs)
@@ -143,13 +145,14 @@ def bench_linear_attention(ceil, peers: bool, rows: list, la_config: dict) -> No
             _report(row, rows)
 
 
-def bench_la_parts(rows: list, la_config: dict) -> None:
+def bench_la_parts(rows: list) -> None:
     """Time of each linear-attention kernel at B 16, T 2048, Dv 128 (where the f+b time goes)."""
     from kernels.taylor_linear_attn import triton_impl as la
+    from kernels.taylor_linear_attn.plan import tiles_arg
 
     q, k, v = la_inputs(16, 2048, 128)
     docs = torch.zeros(16, 2048, dtype=torch.int32, device="cuda")
-    plan = la.Plan(2048, FEATURE_DIM, 128, **la_config.get(128, {}))
+    plan = la.Plan.for_call(q, v, tiles_arg())
     o, den, states, _ = la.forward(q, k, v, docs, 1e-12, None, None, False, plan)
     do = torch.randn_like(o)
     hh = torch.zeros_like(den)
@@ -171,7 +174,7 @@ def _seqlens() -> tuple[int, ...]:
     return SEQLENS
 
 
-def bench_sliding_window(ceil, peers: bool, rows: list, swa_config: dict) -> None:
+def bench_sliding_window(ceil, peers: bool, rows: list) -> None:
     from kernels.sliding_window.triton_impl import sliding_window_attention_triton
 
     fla = _import_fla() if peers else None
@@ -186,7 +189,7 @@ def bench_sliding_window(ceil, peers: bool, rows: list, swa_config: dict) -> Non
             )
             row["ours"] = try_time(
                 "ours",
-                lambda q, k, v, w=window: sliding_window_attention_triton(q, k, v, window=w, **swa_config),
+                lambda q, k, v, w=window: sliding_window_attention_triton(q, k, v, window=w),
                 [q, k, v],
             )
             if peers:
@@ -327,15 +330,26 @@ def markdown_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-# chunk 64 (1.5x slower f+b), feature block 16 (1.24x) and backward value block 64 (1.28x) lost the
-# second session's sweep (docs/PERFORMANCE.md) and are no longer timed
-LA_SWEEP = ({}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 4, "bwd_warps": 4},
-            {"num_warps": 8, "bwd_warps": 8})
+# Candidate tiles of the per-shape sweep, each relative to the kernels' built-in defaults ({} = the default).
+# Lost on the H100 before (docs/PERFORMANCE.md) and not timed again: feature block 16, backward value block
+# 64, backward 2 warps (spills), the fused window backward (atomics; not bitwise deterministic either).
+LA_SWEEP = ({}, {"num_stages": 2}, {"num_stages": 3}, {"num_stages": 4}, {"num_warps": 4, "bwd_warps": 4},
+            {"num_warps": 8, "bwd_warps": 8}, {"num_warps": 4}, {"bwd_warps": 4}, {"block_v": 64},
+            {"chunk_size": 64, "num_warps": 4, "bwd_warps": 4})
+SWA_SWEEP = ({}, {"block_m": 128, "block_n": 64, "num_warps": 8}, {"block_m": 64, "block_n": 32},
+             {"block_m": 128, "block_n": 32, "num_warps": 8}, {"block_m": 128, "block_n": 128, "num_warps": 8},
+             {"num_warps": 8}, {"num_stages": 1}, {"num_stages": 3}, {"bwd_block_m": 32, "bwd_block_n": 64},
+             {"bwd_block_m": 64, "bwd_block_n": 128, "bwd_warps": 8},
+             {"block_m": 128, "block_n": 64, "num_warps": 8, "bwd_block_m": 64, "bwd_warps": 4})
+# (window, head dim) of the published models: 360M W128 D64; 1.3B D112 (W128) and the D128 / W64 variants
+SWA_SWEEP_SHAPES = ((128, 64), (128, 112), (64, 112), (128, 128), (64, 128))
+# an entry is kept only when it beats the built-in default by more than run-to-run noise
+SWEEP_MIN_GAIN = 0.02
 
 
 def _distinct_la_configs(seqlen: int, dv: int) -> list[dict]:
     """LA_SWEEP without the entries that resolve to the same block sizes as an earlier one at this shape
-    (the default warps depend on Dv, so one of the two warp entries repeats the default)."""
+    (the default warps depend on Dv, so some warp entries repeat the default)."""
     from kernels.taylor_linear_attn.triton_impl import Plan
 
     seen, configs = set(), []
@@ -347,58 +361,84 @@ def _distinct_la_configs(seqlen: int, dv: int) -> list[dict]:
     return configs
 
 
-def sweep(ceil) -> tuple[dict, dict]:
-    """Time a few block configurations at one shape per kernel; return the fastest of each."""
+def _best(label: str, fn, inputs, configs: list[dict], timings: list) -> dict | None:
+    """Time fn(*inputs, cfg) f+b for each config; the fastest as a table entry, or None when the default
+    (configs[0] == {}) is within SWEEP_MIN_GAIN of it."""
+    results = []
+    for cfg in configs:
+        t = try_time(f"{label} {cfg}", lambda *x, c=cfg: fn(*x, c), inputs)
+        print(f"  sweep {label} {cfg}: {_fmt(t)}", flush=True)
+        timings.append({"shape": label, "config": cfg, "ms": t})
+        if t is not None:
+            results.append((t[1], cfg))
+    if not results:
+        return None
+    best_ms, best = min(results, key=lambda r: r[0])
+    default_ms = next((ms for ms, cfg in results if not cfg), None)
+    if not best or (default_ms is not None and best_ms > default_ms * (1 - SWEEP_MIN_GAIN)):
+        return None
+    return best
+
+
+def sweep(sections: set) -> dict:
+    """Per-shape tiles for this device: for each linear-attention (Dv, T) and window (W, D) shape, the
+    fastest candidate that beats the built-in default. Installs them in kernels.tiles for the rest of this
+    run and returns {"kind", "la", "swa", "timings"} (print_tiles writes them as kernels/tiles.py code)."""
+    from kernels import tiles
     from kernels.sliding_window.triton_impl import sliding_window_attention_triton
     from kernels.taylor_linear_attn.triton_impl import taylor_linear_attention_triton
 
-    best = {"la": {}}
-    # per value head dim, at T 2048 (the shape where SDPA is cheapest)
-    batch, seqlen = TOKENS // 2048, 2048
-    for _, dv in LA_SHAPES:
-        inputs = la_inputs(batch, seqlen, dv)
-        results = []
-        for cfg in _distinct_la_configs(seqlen, dv):
-            t = try_time(f"la {cfg}", lambda q, k, v, c=cfg: taylor_linear_attention_triton(q, k, v, **c), inputs)
-            print(f"  sweep la Dv{dv} T{seqlen} {cfg}: {_fmt(t)}", flush=True)
-            if t is not None:
-                results.append((t[1], cfg))
-        best["la"][dv] = min(results, key=lambda r: r[0])[1] if results else {}
-    batch, seqlen = TOKENS // 4096, 4096
-    q, k, v = (
-        torch.randn(batch, seqlen, HEADS, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        for _ in range(3)
-    )
-    results = []
-    for cfg in (
-        {"block_m": 64, "block_n": 64, "num_warps": 4},
-        {"block_m": 128, "block_n": 64, "num_warps": 8},
-        {"block_m": 64, "block_n": 32, "num_warps": 4},
-        {"block_m": 128, "block_n": 32, "num_warps": 8},
-        # one backward kernel, dQ by fp32 atomics; the bwd_* keys set its query tile and warps apart from
-        # the forward's (at W64, 128 queries see a 64-key block; 128-row query tiles visit 128 or 256)
-        {"bwd": "fused", "block_m": 64, "block_n": 64, "num_warps": 4},
-        {"bwd": "fused", "block_m": 128, "block_n": 64, "num_warps": 8},
-        {"bwd": "fused", "block_m": 128, "block_n": 64, "num_warps": 8, "bwd_block_m": 64},
-        {"bwd": "fused", "block_m": 128, "block_n": 64, "num_warps": 8, "bwd_block_m": 32, "bwd_warps": 4},
-    ):
-        t = try_time(
-            f"swa {cfg}",
-            lambda q, k, v, c=cfg: sliding_window_attention_triton(q, k, v, window=64, **c),
-            [q, k, v],
-        )
-        print(f"  sweep swa D128 W64 T{seqlen} {cfg}: {_fmt(t)}", flush=True)
-        if t is not None:
-            results.append((t[1], cfg))
-    best["swa"] = min(results, key=lambda r: r[0])[1] if results else {}
-    print(f"best: {best}", flush=True)
-    return best.get("la", {}), best.get("swa", {})
+    kind = tiles.device_kind("cuda")
+    # time the candidates against the built-in defaults, not against entries already in the table
+    tables = (tiles.LINEAR_ATTN_TILES, tiles.SLIDING_WINDOW_TILES)
+    saved = [(dict(t.get(kind, {})), dict(t["default"])) for t in tables]
+    for table in tables:
+        table[kind], table["default"] = {}, {}
+    found: dict = {"kind": kind, "la": {}, "swa": {}, "timings": []}
+    if "la" in sections:
+        for _, dv in LA_SHAPES:
+            for seqlen in _seqlens():
+                inputs = la_inputs(TOKENS // seqlen, seqlen, dv)
+                entry = _best(f"la Dv{dv} T{seqlen}",
+                              lambda q, k, v, c: taylor_linear_attention_triton(q, k, v, **c), inputs,
+                              _distinct_la_configs(seqlen, dv), found["timings"])
+                if entry:
+                    found["la"][(dv, seqlen)] = entry
+    if "swa" in sections:
+        seqlen = 2048
+        for window, d in SWA_SWEEP_SHAPES:
+            inputs = [torch.randn(TOKENS // seqlen, seqlen, HEADS, d, device="cuda", dtype=torch.bfloat16)
+                      .requires_grad_() for _ in range(3)]
+            entry = _best(f"swa W{window} D{d}",
+                          lambda q, k, v, c, w=window: sliding_window_attention_triton(q, k, v, window=w, **c),
+                          inputs, list(SWA_SWEEP), found["timings"])
+            if entry:
+                found["swa"][(window, d)] = entry
+    for table, (mine, default), key in zip(tables, saved, ("la", "swa"), strict=True):
+        table["default"] = default
+        table[kind] = {**(default if kind == "default" else mine), **found[key]}
+    return found
+
+
+def print_tiles(found: dict, device: str) -> str:
+    """The sweep's entries as kernels/tiles.py code (paste over the entries of that device kind)."""
+    lines = [f"# bench/kernels.py --sweep on {device}, torch {torch.__version__}: tiles for {found['kind']!r}"]
+    for table, key in (("LINEAR_ATTN_TILES", "la"), ("SLIDING_WINDOW_TILES", "swa")):
+        lines.append(f"{table}[{found['kind']!r}] = {{")
+        lines += [f"    {shape!r}: {entry!r}," for shape, entry in sorted(found[key].items())]
+        lines.append("}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write rows and ceilings as JSON here")
-    parser.add_argument("--sweep", action="store_true", help="pick block sizes by a short sweep first")
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep tiles per shape first (the --only sections la / swa), print them as "
+                             "kernels/tiles.py entries and use them for the timings")
+    parser.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
     parser.add_argument("--skip-peers", action="store_true", help="time only our kernels")
     parser.add_argument("--only", default="la,swa,conv,decode", help="comma list of sections")
     parser.add_argument("--seqlens", default=None, help="comma list of T (default 2048,4096,8192)")
@@ -414,20 +454,27 @@ def main() -> None:
         f"TFLOP/s; torch {torch.__version__}",
         flush=True,
     )
-    la_config, swa_config = sweep(ceil) if args.sweep else ({}, {})
     if args.seqlens:
         global SEQLENS
         SEQLENS = tuple(int(t) for t in args.seqlens.split(","))
-    rows: list = []
     sections = set(args.only.split(","))
+    found = sweep(sections) if args.sweep else None
+    if found is not None:
+        found["code"] = print_tiles(found, device)
+        if args.out:
+            args.out.with_suffix(".tiles.json").write_text(json.dumps(_jsonable(found), indent=1))
+        if args.sweep_only:
+            return
+    # the tiles come from kernels/tiles.py (with the sweep's entries installed when --sweep ran)
+    rows: list = []
     peers = not args.skip_peers
     try:
         if "la_parts" in sections:
-            bench_la_parts(rows, la_config)
+            bench_la_parts(rows)
         if "la" in sections:
-            bench_linear_attention(ceil, peers, rows, la_config)
+            bench_linear_attention(ceil, peers, rows)
         if "swa" in sections:
-            bench_sliding_window(ceil, peers, rows, swa_config)
+            bench_sliding_window(ceil, peers, rows)
         if "conv" in sections:
             bench_short_conv(ceil, rows)
         if "decode" in sections:
@@ -444,13 +491,20 @@ def main() -> None:
                         "device": device,
                         "torch": torch.__version__,
                         "ceilings": ceil,
-                        "la_config": la_config,
-                        "swa_config": swa_config,
+                        "tiles": None if found is None else _jsonable(found),
                         "rows": rows,
                     },
                     indent=1,
                 )
             )
+
+
+def _jsonable(found: dict) -> dict:
+    """The sweep result with its tuple keys as "Dv,T" / "W,D" strings."""
+    out = dict(found)
+    for key in ("la", "swa"):
+        out[key] = {",".join(map(str, shape)): entry for shape, entry in found[key].items()}
+    return out
 
 
 if __name__ == "__main__":

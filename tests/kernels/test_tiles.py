@@ -77,3 +77,21 @@ def test_shipped_tables_are_well_formed(table):
             for name, value in entry.items():
                 assert isinstance(value, str) if name == "bwd" else (isinstance(value, int) and value > 0), \
                     (kind, key, name, value)
+
+
+def test_sweep_output_pastes_into_the_table(tables, monkeypatch, capsys):
+    """bench/kernels.py --sweep prints kernels/tiles.py code; run as code it fills the tables the lookup reads."""
+    from bench.kernels import print_tiles
+
+    found = {"kind": "H200", "la": {(64, 2048): {"num_warps": 4}, (64, 8192): {"num_stages": 3}},
+             "swa": {(128, 64): {"block_m": 128, "block_n": 32, "num_warps": 8}}}
+    code = print_tiles(found, "NVIDIA H200")
+    assert code in capsys.readouterr().out
+    namespace = {"LINEAR_ATTN_TILES": {"H200": {}}, "SLIDING_WINDOW_TILES": {"H200": {}}}
+    exec(code, namespace)
+    monkeypatch.setattr(tiles, "LINEAR_ATTN_TILES", {**tiles.LINEAR_ATTN_TILES, **namespace["LINEAR_ATTN_TILES"]})
+    monkeypatch.setattr(tiles, "SLIDING_WINDOW_TILES",
+                        {**tiles.SLIDING_WINDOW_TILES, **namespace["SLIDING_WINDOW_TILES"]})
+    assert tiles.linear_attn_tiles("cuda", 64, 4096) == {"num_warps": 4}
+    assert tiles.linear_attn_tiles("cuda", 64, 8192) == {"num_stages": 3}
+    assert tiles.sliding_window_tiles("cuda", 128, 64) == {"block_m": 128, "block_n": 32, "num_warps": 8}
