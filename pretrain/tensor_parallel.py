@@ -42,6 +42,7 @@ from torch.distributed.tensor.parallel import (
 
 from based_layers.loss import IGNORE_INDEX
 from based_layers.mixers import BaseConv, CausalSelfAttention, LinearAttention, Mamba, SlidingWindowAttention
+from based_layers.norm import RMSNorm
 from kernels.linear_cross_entropy import linear_cross_entropy
 
 # name of the attribute of the (unwrapped) model: {parameter name: (number of row blocks, tp size)}
@@ -199,8 +200,6 @@ class VocabParallelLinearCrossEntropy(nn.Module):
 
 def _plain_norms(model: nn.Module) -> None:
     """Norms under sequence parallelism see DTensors, which the fused norm kernel does not take."""
-    from based_layers.norm import RMSNorm
-
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.backend = "reference"

@@ -108,6 +108,10 @@ def add_rms_norm_fwd(
     residual_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [..., D] out_dtype, residual [..., D] residual_dtype (shape [0] without update), rstd [rows] fp32)."""
+    return _fwd_body(x, update, weight, eps, out_dtype, residual_dtype)
+
+
+def _fwd_body(x, update, weight, eps, out_dtype, residual_dtype):
     x2 = _rows(x)
     rows, dim = x2.shape
     y = new_output(x.shape, out_dtype, x.device)
@@ -160,6 +164,10 @@ def add_rms_norm_bwd(
     `residual` is what was normed (the new stream, or x without update); dx = d update = the gradient of
     the residual input of the norm plus `dresidual`, the gradient that arrives on the new stream.
     """
+    return _bwd_body(dy, dresidual, residual, weight, rstd, dx_dtype, du_dtype)
+
+
+def _bwd_body(dy, dresidual, residual, weight, rstd, dx_dtype, du_dtype):
     r2, dy2 = _rows(residual), _rows(dy)
     rows, dim = r2.shape
     dx = new_output(residual.shape, dx_dtype, dy.device)
@@ -213,21 +221,39 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.update_dtype = update.dtype if update is not None else None
 
 
-def _backward(ctx, dy, dresidual, drstd):
+def _backward_with(bwd, ctx, dy, dresidual):
     normed, weight, rstd = ctx.saved_tensors
     has_update = ctx.update_dtype is not None
     # the residual output is unused without update (shape [0]); with one, a None gradient means "not used"
     dres = dresidual if has_update and dresidual is not None else None
     separate_du = has_update and ctx.update_dtype != ctx.x_dtype
-    dx, du, dw = add_rms_norm_bwd(
-        dy, dres, normed, weight, rstd, ctx.x_dtype, ctx.update_dtype if separate_du else None
-    )
+    dx, du, dw = bwd(dy, dres, normed, weight, rstd, ctx.x_dtype, ctx.update_dtype if separate_du else None)
     if not has_update:
         return dx, None, dw, None, None, None
     return dx, du if separate_du else dx, dw, None, None, None
 
 
+def _backward(ctx, dy, dresidual, drstd):
+    return _backward_with(add_rms_norm_bwd, ctx, dy, dresidual)
+
+
 add_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAddRMSNorm(torch.autograd.Function):
+    """The same forward and backward as the custom op, calling the bodies directly: eager mode skips the op's
+    Python dispatch (about 7x a plain call, see kernels/taylor_linear_attn/ops.py), twice per norm and step."""
+
+    @staticmethod
+    def forward(ctx, x, update, weight, eps, out_dtype, residual_dtype):
+        out = _fwd_body(x, update, weight, eps, out_dtype, residual_dtype)
+        _setup_context(ctx, (x, update, weight, eps, out_dtype, residual_dtype), out)
+        ctx.mark_non_differentiable(out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, dresidual, drstd):
+        return _backward_with(_bwd_body, ctx, dy, dresidual)
 
 
 def add_rms_norm_triton(
@@ -238,6 +264,10 @@ def add_rms_norm_triton(
     out_dtype: torch.dtype,
     residual_dtype: torch.dtype,
 ):
-    """y, or (y, residual) when `update` is given; see `kernels.fused_norm.add_rms_norm`."""
-    y, residual, _ = add_rms_norm_fwd(x, update, weight, eps, out_dtype, residual_dtype)
+    """y, or (y, residual) when `update` is given; see `kernels.fused_norm.add_rms_norm`.
+
+    Under torch.compile the custom op (one node of the graph); in eager mode the same bodies without its dispatch.
+    """
+    fn = add_rms_norm_fwd if torch.compiler.is_compiling() else _EagerAddRMSNorm.apply
+    y, residual, _ = fn(x, update, weight, eps, out_dtype, residual_dtype)
     return y if update is None else (y, residual)
