@@ -213,8 +213,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.parallel.compile_backend not in ("inductor", "aot_eager", "eager"):
         problems.append(f"parallel.compile_backend: {cfg.parallel.compile_backend!r}; expected inductor, aot_eager "
                         "or eager")
-    if ("mamba" in cfg.model.layer_mixers() and cfg.model.mamba.backend == "mamba_ssm"
-            and cfg.data.reset_state_at_doc_boundaries):
+    # (not layer_mixers(): it assumes the layer lists that model.validate() may have just rejected)
+    uses_mamba = cfg.model.default_mixer == "mamba" or "mamba" in cfg.model.mixer_layers
+    if uses_mamba and cfg.model.mamba.backend == "mamba_ssm" and cfg.data.reset_state_at_doc_boundaries:
         problems.append("data.reset_state_at_doc_boundaries=true with model.mamba.backend=mamba_ssm: mamba-ssm's "
                         "fused scan cannot reset at document starts (the sequential reference scan would run, about "
                         "100x slower on GPU); set data.reset_state_at_doc_boundaries=false (as the published Mamba "

@@ -406,6 +406,12 @@ def _apply_block_wrappers(part: LanguageModel, cfg: TrainConfig, compile_blocks:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = part.transformer.layers
+    if compile_blocks:
+        # every block shares Block.forward's code: each kind of mixer, grad mode (validation) and new shape is
+        # one more entry of its cache, and past the limit (default 8) dynamo silently runs that block eagerly
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
     for key, block in list(layers.items()):
         if cfg.parallel.activation_checkpoint:
             block = checkpoint_wrapper(block)

@@ -73,4 +73,4 @@ def short_conv_gated_step(u1: torch.Tensor, u2: torch.Tensor, weight: torch.Tens
     check_backend(op, backend, u1)
     if backend == "reference":
         return short_conv_gated_step_reference(u1, u2, weight, conv_state)
-    return ops.short_conv_gated_step(u1, u2, weight, conv_state)
+    return ops.short_conv_gated_step_call(u1, u2, weight, conv_state)

@@ -72,10 +72,22 @@ short_conv_gated_fwd.register_autograd(_backward, setup_context=_setup)
 @torch.library.custom_op("based::short_conv_gated_step", mutates_args=("conv_state",))
 def short_conv_gated_step(u1: Tensor, u2: Tensor, weight: Tensor, conv_state: Tensor) -> Tensor:
     """One decode token: u1, u2 [B, C]; conv_state [B, C, K] shifted in place. Returns y [B, C]."""
+    return _step_body(u1, u2, weight, conv_state)
+
+
+def _step_body(u1, u2, weight, conv_state):
     from .triton_impl import short_conv_gated_step_triton
 
     u1, u2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (u1, u2))
     return short_conv_gated_step_triton(u1, u2, weight, conv_state)
+
+
+def short_conv_gated_step_call(u1, u2, weight, conv_state) -> Tensor:
+    """The custom op under torch.compile, its body in eager mode (the op's dispatch costs ~7x a plain call;
+    see taylor_linear_attn.ops.taylor_linear_attention_step_call)."""
+    if torch.compiler.is_compiling():
+        return short_conv_gated_step(u1, u2, weight, conv_state)
+    return _step_body(u1, u2, weight, conv_state)
 
 
 @short_conv_gated_step.register_fake

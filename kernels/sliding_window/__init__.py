@@ -90,4 +90,5 @@ def sliding_window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         return sliding_window_step_reference(q, k, v, k_cache, v_cache, pos, scale=scale)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{op}: backend='triton' updates the caches in place; their last dim must be contiguous")
-    return ops.sliding_window_step(q, k, v, k_cache, v_cache, pos, q.shape[-1] ** -0.5 if scale is None else float(scale))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ops.sliding_window_step_call(q, k, v, k_cache, v_cache, pos, scale)

@@ -94,10 +94,22 @@ def sliding_window_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cach
                         scale: float) -> Tensor:
     """One decode token: q, k, v [B, H, D]; ring caches [B, W, H, D] (slot pos % W written in place);
     pos [B]. Returns o [B, H, D]."""
+    return _step_body(q, k, v, k_cache, v_cache, pos, scale)
+
+
+def _step_body(q, k, v, k_cache, v_cache, pos, scale):
     from .triton_impl import sliding_window_step_triton
 
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     return sliding_window_step_triton(q, k, v, k_cache, v_cache, pos, scale=scale)
+
+
+def sliding_window_step_call(q, k, v, k_cache, v_cache, pos, scale: float) -> Tensor:
+    """The custom op under torch.compile, its body in eager mode (the op's dispatch costs ~7x a plain call;
+    see taylor_linear_attn.ops.taylor_linear_attention_step_call)."""
+    if torch.compiler.is_compiling():
+        return sliding_window_step(q, k, v, k_cache, v_cache, pos, scale)
+    return _step_body(q, k, v, k_cache, v_cache, pos, scale)
 
 
 @sliding_window_step.register_fake

@@ -45,7 +45,7 @@ def taylor_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         return taylor_linear_attention_reference(q, k, v, eps=eps, doc_ids=doc_ids, initial_state=initial_state,
                                                  output_final_state=output_final_state)
     return ops.taylor_linear_attention_triton(q, k, v, eps=eps, doc_ids=doc_ids, initial_state=initial_state,
-                                          output_final_state=output_final_state)
+                                              output_final_state=output_final_state)
 
 
 def _validate(q, k, v, doc_ids, initial_state, backend) -> None:
@@ -112,5 +112,5 @@ def taylor_linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"{op}: backend='triton' updates an fp32 contiguous state in place")
     if f > _MAX_TRITON_FEATURE_DIM:
         raise ValueError(f"{op}: backend='triton' supports feature dim <= {_MAX_TRITON_FEATURE_DIM}; got {f}")
-    o = ops.taylor_linear_attention_step(q, k, v, kv, k_sum, float(eps))
+    o = ops.taylor_linear_attention_step_call(q, k, v, kv, k_sum, float(eps))
     return o, kv, k_sum
