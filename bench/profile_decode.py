@@ -7,7 +7,8 @@ Builds the model as bench/generation.py does (random weights, bf16, Triton mixer
 --prompt-len prompt, then profiles --steps eager static-buffer steps (tools/generate.py's StaticStep without
 graphs: the same kernels as the graph replays, launched one by one) with torch.profiler, and times the same
 number of graph replays. The step is the one bench/generation.py times: the greedy head inside the step, and
-with --compile MODE the torch.compile'd regions (tools.generate.compiled_regions). Prints the kernel time per step (the sum of GPU kernel durations; if it is far below
+with --compile MODE the torch.compile'd regions (tools.generate.compiled_regions). Prints the kernel time
+per step (the sum of GPU kernel durations; if it is far below
 the graph step time, the step is bound by per-kernel overheads, not by the kernels) and the kernels that take
 most of it, and writes both as JSON.
 """
