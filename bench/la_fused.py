@@ -44,8 +44,9 @@ FWD_EXPLORE = ([_cfg("reshape", bc, bv, w) for bc, bv, w in itertools.product((1
                + [_cfg("select", 32, 32, 8)]
                + [_cfg("split", bc, bv, w, 1, nb) for bc, bv, w, nb in
                   itertools.product((32, 64), (16, 32, 64), (4, 8), (4, 2))])
-# the forward sweep at TK's shape (15 timings): the spill-free whole-tile builds, the best measured one
-# (reshape 32/32/4: 0.934 ms on the H200), and the row-block split at 64-token chunks (all products on wgmma)
+# the forward sweep at TK's shape (15 timings + num_stages 2 of the best): the spill-free whole-tile builds,
+# the best measured one (reshape 32/32/4: 0.934 ms on the H200), and the row-block split at 64-token chunks
+# (all big products on wgmma; spill-free at value block 16 / 4 warps, 168-680 stack bytes at 32-64)
 FWD_CANDIDATES = ([_cfg("reshape", bc, bv, w) for bc, bv, w in ((32, 16, 4), (32, 32, 8), (16, 16, 4), (32, 32, 4),
                                                                  (64, 32, 8))]
                   + [_cfg("select", 32, 32, 8)]
