@@ -574,6 +574,8 @@ class FusedPlan:
         self.inv_sqrt_f = 1.0 / math.sqrt(feature_dim)
         self.c1 = feature_dim**-0.25
         self.c2 = 1.0 / math.sqrt(2.0 * feature_dim)
+        # split: no software pipelining by default (num_stages 3 spills 416 stack bytes where 1 spills 256)
+        num_stages = num_stages or (1 if split else None)
         self.stages = {} if num_stages is None else {"num_stages": num_stages}
 
 
