@@ -165,10 +165,12 @@ def sweep_forward(quick: bool, tk_dir: Path | None) -> tuple[dict, list]:
 def sweep_backward(fwd_cfg: dict, quick: bool) -> tuple[dict, list]:
     ins = inputs(16, 2048, 112)
     rows = []
-    # 8 warps: the local compile (bench/triton_resources.py la-bwd) spills far less than at 4 (select 32/32:
-    # dq 0 / dkv 296 stack bytes vs 792 / 1384)
-    grid = [(32, 32, "select", 8)] if quick else list(itertools.product((32, 64), (32,), ("select", "reshape"),
-                                                                         (4, 8)))
+    # (chunk, value block, build, warps) by the local compile (bench/triton_resources.py la-bwd): 8 warps spill
+    # far less than 4 (select 32/32: dq 0 / dkv 296 stack bytes vs 792 / 1384); 64-token chunks spill
+    # 650-4200 bytes (one kept as a data point)
+    grid = [(32, 32, "select", 8)] if quick else [(32, 32, "select", 8), (32, 32, "reshape", 8), (32, 32, "select", 4),
+                                                  (32, 32, "reshape", 4), (16, 16, "reshape", 4), (32, 16, "reshape", 4),
+                                                  (16, 32, "reshape", 8), (64, 32, "reshape", 8)]
     best = None
     for bc, bvb, outer_bwd, w in grid:
         cfg = dict(fwd_cfg, chunk_size_bwd=bc, block_v_bwd=bvb, bwd_warps=w, outer_bwd=outer_bwd)
