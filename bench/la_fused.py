@@ -44,8 +44,9 @@ FWD_EXPLORE = ([_cfg("reshape", bc, bv, w) for bc, bv, w in itertools.product((1
                + [_cfg("select", 32, 32, 8)]
                + [_cfg("split", bc, bv, w, 1, nb) for bc, bv, w, nb in
                   itertools.product((32, 64), (16, 32, 64), (4, 8), (4, 2))])
-# the forward sweep at TK's shape (15 timings): the spill-free whole-tile builds, the best measured one
-# (reshape 32/32/4: 0.934 ms on the H200), and the row-block split at 64-token chunks (all products on wgmma)
+# the forward sweep at TK's shape (15 timings + num_stages 2 of the best): the spill-free whole-tile builds,
+# the best measured one (reshape 32/32/4: 0.934 ms on the H200), and the row-block split at 64-token chunks
+# (all big products on wgmma; spill-free at value block 16 / 4 warps, 168-680 stack bytes at 32-64)
 FWD_CANDIDATES = ([_cfg("reshape", bc, bv, w) for bc, bv, w in ((32, 16, 4), (32, 32, 8), (16, 16, 4), (32, 32, 4),
                                                                  (64, 32, 8))]
                   + [_cfg("select", 32, 32, 8)]
@@ -164,10 +165,12 @@ def sweep_forward(quick: bool, tk_dir: Path | None) -> tuple[dict, list]:
 def sweep_backward(fwd_cfg: dict, quick: bool) -> tuple[dict, list]:
     ins = inputs(16, 2048, 112)
     rows = []
-    # 8 warps: the local compile (bench/triton_resources.py la-bwd) spills far less than at 4 (select 32/32:
-    # dq 0 / dkv 296 stack bytes vs 792 / 1384)
-    grid = [(32, 32, "select", 8)] if quick else list(itertools.product((32, 64), (32,), ("select", "reshape"),
-                                                                         (4, 8)))
+    # (chunk, value block, build, warps) by the local compile (bench/triton_resources.py la-bwd): 8 warps spill
+    # far less than 4 (select 32/32: dq 0 / dkv 296 stack bytes vs 792 / 1384); 64-token chunks spill
+    # 650-4200 bytes (one kept as a data point)
+    grid = [(32, 32, "select", 8)] if quick else [(32, 32, "select", 8), (32, 32, "reshape", 8), (32, 32, "select", 4),
+                                                  (32, 32, "reshape", 4), (16, 16, "reshape", 4), (32, 16, "reshape", 4),
+                                                  (16, 32, "reshape", 8), (64, 32, "reshape", 8)]
     best = None
     for bc, bvb, outer_bwd, w in grid:
         cfg = dict(fwd_cfg, chunk_size_bwd=bc, block_v_bwd=bvb, bwd_warps=w, outer_bwd=outer_bwd)

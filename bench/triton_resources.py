@@ -144,7 +144,8 @@ def la_backward(args) -> None:
     from kernels.taylor_linear_attn import fused_impl as fi  # noqa: PLC0415
 
     print_header()
-    for (bc, bv, w), (name, fn) in itertools.product(((16, 16, 4), (32, 16, 4), (32, 32, 4), (32, 32, 8)),
+    # bench/la_fused.py's backward sweep (value block 32; chunks 32 / 64; 4 / 8 warps)
+    for (bc, bv, w), (name, fn) in itertools.product(((32, 32, 4), (32, 32, 8), (64, 32, 4), (64, 32, 8)),
                                                     (("dq", fi._fused_bwd_dq_kernel),
                                                      ("dkv", fi._fused_bwd_dkv_kernel))):
         for outer in args.grid.split(","):

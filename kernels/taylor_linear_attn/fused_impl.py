@@ -189,11 +189,10 @@ def _block_selectors(b, R: tl.constexpr, FP: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _split_block(s2b, z2b, q_r, k_w, v_w, num, den, b, carry, c2, R: tl.constexpr, FP: tl.constexpr,
+def _split_block(s2b, q_r, k_w, v_w, num, b, carry, c2, R: tl.constexpr, FP: tl.constexpr,
                  PREC: tl.constexpr, SEL_PREC: tl.constexpr):
-    """One row block (rows b*R ..) of the second-order state [R, BV] (z2b [R]): its readout by the chunk's
-    queries q_r [BC, FP] (zero on rows that do not read the state) is added to num [BC, BV] and den [BC],
-    then the keys k_w [BC, FP] and values v_w [BC, BV] (zero where they do not write) update it. Both feature
+    """One row block (rows b*R ..) of the second-order state [R, BV]: its readout by the chunk's queries q_r
+    [BC, FP] (zero on rows that do not read the state) is added to num [BC, BV], then the keys k_w [BC, FP] and values v_w [BC, BV] (zero where they do not write) update it. Both feature
     tiles come from products with 0/1 selectors (exact), so they stay in the tensor cores' accumulator layout:
     the queries' [BC, R] feeds the readout as the A operand, the keys' is built transposed [R, BC] to feed
     the update (M = R rows) without a transpose of the tile."""
@@ -201,35 +200,51 @@ def _split_block(s2b, z2b, q_r, k_w, v_w, num, den, b, carry, c2, R: tl.constexp
     sel_i, sel_j = _block_selectors(b, R, FP, q_r.dtype)
     q2 = _mm(q_r, sel_i, SEL_PREC) * _mm(q_r, sel_j, SEL_PREC) * c2
     num += _mm(q2.to(dt), s2b.to(dt), PREC)
-    den += tl.sum(q2 * z2b[None, :], axis=1)
     # (building it [BC, R] and transposing it through shared memory spills more: 400-1200 stack bytes)
     k_t = tl.trans(k_w)
     k2t = _mm(tl.trans(sel_i), k_t, SEL_PREC) * _mm(tl.trans(sel_j), k_t, SEL_PREC) * c2
-    s2b = s2b * carry + _mm(k2t.to(dt), v_w, PREC)
-    z2b = z2b * carry + tl.sum(k2t, axis=1)
-    return s2b, z2b, num, den
+    return s2b * carry + _mm(k2t.to(dt), v_w, PREC), num
+
+
+@triton.jit
+def _quad_form(x, zm, PREC: tl.constexpr, FP32_PREC: tl.constexpr):
+    """x_t^T Z x_t per row of x [BC, FP] (16-bit or fp32) for the fp32 matrix Z [FP, FP]: the second-order
+    normalizer sum_ij x_i x_j z_ij without the [BC, FP*FP] feature tile. Z enters the product as a 16-bit
+    high part plus the 16-bit remainder (about fp32's accuracy: 2^-16 relative) for 16-bit x, at FP32_PREC
+    (3xtf32 on the GPU) for fp32 x."""
+    if x.dtype == tl.float32:
+        w = _mm(x, tl.trans(zm), FP32_PREC)
+    else:
+        z_hi = zm.to(x.dtype)
+        z_lo = (zm - z_hi.to(tl.float32)).to(x.dtype)
+        w = _mm(x, tl.trans(z_hi), PREC) + _mm(x, tl.trans(z_lo), PREC)
+    return tl.sum(x.to(tl.float32) * w, axis=1)
 
 
 @triton.jit
 def _load_s2_block(BASE, ZBASE, b, offs_v, F: tl.constexpr, FP: tl.constexpr, R: tl.constexpr, DV,
                    HAS_S0: tl.constexpr, BV: tl.constexpr):
-    """Row block b of the initial second-order state (published layout) [R, BV] and its k_sum [R]."""
+    """Row block b of the initial second-order state (published layout) [R, BV]."""
     if HAS_S0:
         offs_f = tl.arange(0, FP)
-        _, _, p2, _, pz2, _, m2, mv = _state_ptrs(BASE, ZBASE, offs_f, b * R + tl.arange(0, R), offs_v, F, FP, DV)
-        return tl.load(p2, mask=m2[:, None] & mv[None, :], other=0.0), tl.load(pz2, mask=m2, other=0.0)
+        _, _, p2, _, _, _, m2, mv = _state_ptrs(BASE, ZBASE, offs_f, b * R + tl.arange(0, R), offs_v, F, FP, DV)
+        return tl.load(p2, mask=m2[:, None] & mv[None, :], other=0.0)
     else:
-        return tl.zeros([R, BV], dtype=tl.float32), tl.zeros([R], dtype=tl.float32)
+        return tl.zeros([R, BV], dtype=tl.float32)
 
 
 @triton.jit
-def _store_s2_block(BASE, ZBASE, b, s2b, z2b, offs_v, F: tl.constexpr, FP: tl.constexpr, R: tl.constexpr, DV,
-                    first_block):
+def _store_s2_block(BASE, ZBASE, b, s2b, offs_v, F: tl.constexpr, FP: tl.constexpr, R: tl.constexpr, DV):
     offs_f = tl.arange(0, FP)
-    _, _, p2, _, pz2, _, m2, mv = _state_ptrs(BASE, ZBASE, offs_f, b * R + tl.arange(0, R), offs_v, F, FP, DV)
+    _, _, p2, _, _, _, m2, mv = _state_ptrs(BASE, ZBASE, offs_f, b * R + tl.arange(0, R), offs_v, F, FP, DV)
     tl.store(p2, s2b, mask=m2[:, None] & mv[None, :])
-    if first_block:
-        tl.store(pz2, z2b, mask=m2)
+
+
+@triton.jit
+def _z2_ptrs(ZBASE, F: tl.constexpr, FP: tl.constexpr):
+    """Pointers [FP, FP] and mask of the second-order k_sum (published rows 1+F+i*F+j) as a matrix."""
+    i = tl.arange(0, FP)
+    return ZBASE + 1 + F + i[:, None] * F + i[None, :], (i[:, None] < F) & (i[None, :] < F)
 
 
 @triton.jit
@@ -241,8 +256,10 @@ def _fused_fwd_split_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
                             SEL_PREC: tl.constexpr):
     """As _fused_fwd_kernel, with the second-order state split into NB (2 or 4) row blocks of R = FP*FP/NB
     rows, each its own loop-carried tensor: per chunk and block, one readout and one update product of
-    moderate size, so only one block's feature tiles are live at a time. (At 64-token chunks it still spills
-    168-840 stack bytes with Triton 3.6 on sm_90; spill-free at 32-token chunks, where products are mma.sync.)"""
+    moderate size, so only one block's feature tiles are live at a time. The second-order normalizer is kept
+    as the [FP, FP] matrix Z (published k_sum rows 1+F+i*F+j) and read as q^T Z q: its per-block vectors,
+    broadcast across the feature tiles, were what spilled (Triton 3.6, sm_90, 64-token chunks, 4 warps: value
+    block 16 spill-free, 32: 256 stack bytes, 64: 680)."""
     R: tl.constexpr = FP * FP // NB
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -259,15 +276,18 @@ def _fused_fwd_split_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
         s1 = tl.load(p1, mask=m1[:, None] & mv[None, :], other=0.0)
         z0 = tl.load(zbase0)
         z1 = tl.load(pz1, mask=m1, other=0.0)
+        pzm, mzm = _z2_ptrs(zbase0, F, FP)
+        zm = tl.load(pzm, mask=mzm, other=0.0)
     else:
         s0 = tl.zeros([BV], dtype=tl.float32)
         s1 = tl.zeros([FP, BV], dtype=tl.float32)
         z0 = 0.0
         z1 = tl.zeros([FP], dtype=tl.float32)
-    s2a, z2a = _load_s2_block(base0, zbase0, 0, offs_v, F, FP, R, DV, HAS_S0, BV)
-    s2b, z2b = _load_s2_block(base0, zbase0, 1, offs_v, F, FP, R, DV, HAS_S0, BV)
-    s2c, z2c = _load_s2_block(base0, zbase0, 2 % NB, offs_v, F, FP, R, DV, HAS_S0, BV)
-    s2d, z2d = _load_s2_block(base0, zbase0, 3 % NB, offs_v, F, FP, R, DV, HAS_S0, BV)
+        zm = tl.zeros([FP, FP], dtype=tl.float32)
+    s2a = _load_s2_block(base0, zbase0, 0, offs_v, F, FP, R, DV, HAS_S0, BV)
+    s2b = _load_s2_block(base0, zbase0, 1, offs_v, F, FP, R, DV, HAS_S0, BV)
+    s2c = _load_s2_block(base0, zbase0, 2 % NB, offs_v, F, FP, R, DV, HAS_S0, BV)
+    s2d = _load_s2_block(base0, zbase0, 3 % NB, offs_v, F, FP, R, DV, HAS_S0, BV)
     q_off = i_b.to(tl.int64) * sqb + i_h * sqh
     k_off = i_b.to(tl.int64) * skb + i_h * skh
     v_off = i_b.to(tl.int64) * svb + i_h * svh
@@ -295,12 +315,13 @@ def _fused_fwd_split_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
         num = _mm(sim.to(dt), v, PREC) + _mm(q1.to(dt), s1.to(dt), PREC)
         num += tl.where(reads[:, None], s0[None, :], 0.0)
         den = tl.sum(sim, axis=1) + tl.sum(q1 * z1[None, :], axis=1) + tl.where(reads, z0, 0.0) + eps
-        s2a, z2a, num, den = _split_block(s2a, z2a, q_r, k_w, v_w, num, den, 0, carry, c2, R, FP, PREC, SEL_PREC)
-        s2b, z2b, num, den = _split_block(s2b, z2b, q_r, k_w, v_w, num, den, 1, carry, c2, R, FP, PREC, SEL_PREC)
+        den += _quad_form(q_r, zm, PREC, SEL_PREC) * c2
+        s2a, num = _split_block(s2a, q_r, k_w, v_w, num, 0, carry, c2, R, FP, PREC, SEL_PREC)
+        s2b, num = _split_block(s2b, q_r, k_w, v_w, num, 1, carry, c2, R, FP, PREC, SEL_PREC)
         if NB == 4:
-            s2c, z2c, num, den = _split_block(s2c, z2c, q_r, k_w, v_w, num, den, 2, carry, c2, R, FP, PREC,
+            s2c, num = _split_block(s2c, q_r, k_w, v_w, num, 2, carry, c2, R, FP, PREC,
                                               SEL_PREC)
-            s2d, z2d, num, den = _split_block(s2d, z2d, q_r, k_w, v_w, num, den, 3, carry, c2, R, FP, PREC,
+            s2d, num = _split_block(s2d, q_r, k_w, v_w, num, 3, carry, c2, R, FP, PREC,
                                               SEL_PREC)
         tl.store(OUT + o_off + offs_t[:, None] * sot + offs_v[None, :], (num / den[:, None]).to(OUT.dtype.element_ty),
                  mask=mask_t[:, None] & mv[None, :])
@@ -311,6 +332,7 @@ def _fused_fwd_split_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
         s0 = s0 * carry + tl.sum(v_w.to(tl.float32), axis=0)
         z1 = z1 * carry + tl.sum(k1, axis=0)
         z0 = z0 * carry + tl.sum(writes.to(tl.float32), axis=0)
+        zm = zm * carry + _mm(tl.trans(k_w), k_w, SEL_PREC) * c2
     if STORE_END:
         base1 = KV1 + i_bh.to(tl.int64) * NF * DV
         zbase1 = KS1 + i_bh.to(tl.int64) * NF
@@ -321,11 +343,13 @@ def _fused_fwd_split_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
         if first_block:
             tl.store(zbase1, z0)
             tl.store(ez1, z1, mask=m1)
-        _store_s2_block(base1, zbase1, 0, s2a, z2a, offs_v, F, FP, R, DV, first_block)
-        _store_s2_block(base1, zbase1, 1, s2b, z2b, offs_v, F, FP, R, DV, first_block)
+            pzm, mzm = _z2_ptrs(zbase1, F, FP)
+            tl.store(pzm, zm, mask=mzm)
+        _store_s2_block(base1, zbase1, 0, s2a, offs_v, F, FP, R, DV)
+        _store_s2_block(base1, zbase1, 1, s2b, offs_v, F, FP, R, DV)
         if NB == 4:
-            _store_s2_block(base1, zbase1, 2, s2c, z2c, offs_v, F, FP, R, DV, first_block)
-            _store_s2_block(base1, zbase1, 3, s2d, z2d, offs_v, F, FP, R, DV, first_block)
+            _store_s2_block(base1, zbase1, 2, s2c, offs_v, F, FP, R, DV)
+            _store_s2_block(base1, zbase1, 3, s2d, offs_v, F, FP, R, DV)
 
 
 @triton.jit
@@ -550,6 +574,8 @@ class FusedPlan:
         self.inv_sqrt_f = 1.0 / math.sqrt(feature_dim)
         self.c1 = feature_dim**-0.25
         self.c2 = 1.0 / math.sqrt(2.0 * feature_dim)
+        # split: no software pipelining by default (num_stages 3 spills 416 stack bytes where 1 spills 256)
+        num_stages = num_stages or (1 if split else None)
         self.stages = {} if num_stages is None else {"num_stages": num_stages}
 
 
