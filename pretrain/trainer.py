@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,36 +26,13 @@ from pretrain.flops import training_flops_per_token
 from pretrain.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.parallelize import batch_to_device, check_layout, parallelize, unwrap
+from pretrain.signals import SignalFlag
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
     """Raised under `nonfinite_policy: stop` after the last good state was checkpointed."""
-
-
-class SignalFlag:
-    """First SIGTERM/SIGUSR1: checkpoint at the next step boundary and exit 0. Second: exit at once.
-
-    A repeat within `debounce_s` of the first is the same request delivered twice (Slurm sends TERM both to
-    the step and to its tasks), not a second one.
-    """
-
-    def __init__(self, debounce_s: float = 2.0) -> None:
-        self.received: int | None = None
-        self.debounce_s = debounce_s
-        self._first_at = 0.0
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame) -> None:
-        now = time.monotonic()
-        if self.received is None:
-            self.received, self._first_at = signum, now
-        elif now - self._first_at > self.debounce_s:
-            os._exit(128 + signum)
 
 
 @dataclass
