@@ -112,8 +112,8 @@ def ignore_checkpoint_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def interface_for(address: str) -> str | None:
-    """The name of this machine's network interface that reaches `address` (no packet is sent)."""
+def local_route(address: str) -> tuple[str, str] | None:
+    """(interface name, this machine's address on it) of the route to `address`; no packet is sent."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect((socket.gethostbyname(address), 9))
@@ -125,7 +125,7 @@ def interface_for(address: str) -> str | None:
                 except OSError:
                     continue
             if socket.inet_ntoa(packed[20:24]) == local:
-                return name
+                return name, local
     except OSError:
         return None
     return None
@@ -144,10 +144,10 @@ def agent_env(rdzv_host: str | None = None, base: dict[str, str] | None = None) 
     env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = TORCHRUN_SIGNALS
     env["PET_SIGNALS_TO_HANDLE"] = TORCHRUN_SIGNALS
     if rdzv_host is not None and not (env.get("GLOO_SOCKET_IFNAME") and env.get("NCCL_SOCKET_IFNAME")):
-        name = interface_for(rdzv_host)
-        if name is not None:
-            env.setdefault("GLOO_SOCKET_IFNAME", name)
-            env.setdefault("NCCL_SOCKET_IFNAME", name)
+        route = local_route(rdzv_host)
+        if route is not None:
+            env.setdefault("GLOO_SOCKET_IFNAME", route[0])
+            env.setdefault("NCCL_SOCKET_IFNAME", route[0])
     return env
 
 
@@ -160,10 +160,12 @@ def torchrun_argv(
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "based",
     is_host: bool | None = None,
+    local_addr: str | None = None,
 ) -> list[str]:
     """torchrun running the trainer: `--standalone` on one node, else c10d rendezvous at `rdzv_endpoint`,
     hosted by the node with `is_host` (torchrun would guess from the hostname, which need not be the name
-    the endpoint uses)."""
+    the endpoint uses), with `local_addr` as this node's address for the workers' MASTER_ADDR (torchrun
+    would use the hostname, which other nodes need not resolve)."""
     argv = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", "--max-restarts=0"]
     if rdzv_endpoint is None or nnodes == 1:
         argv += ["--standalone", "--nnodes=1"]
@@ -176,6 +178,8 @@ def torchrun_argv(
         ]
         if is_host is not None:
             argv.append(f"--rdzv-conf=is_host={str(is_host).lower()}")
+        if local_addr is not None:
+            argv.append(f"--local-addr={local_addr}")
     return argv + ["-m", "pretrain.train", str(config), *overrides]
 
 
@@ -239,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the config (and overrides) after --")
     host = args.rdzv_endpoint.rpartition(":")[0] if args.rdzv_endpoint and args.nnodes > 1 else None
     python = os.environ.get("PYTHON") or sys.executable
+    route = local_route(host) if host is not None else None
     command = torchrun_argv(python, args.trainer_args[0], args.trainer_args[1:], args.nnodes,
-                            args.nproc_per_node, args.rdzv_endpoint, args.rdzv_id, is_host=args.node_rank == 0)
+                            args.nproc_per_node, args.rdzv_endpoint, args.rdzv_id, is_host=args.node_rank == 0,
+                            local_addr=route[1] if route else None)
     env = agent_env(host)
     shown = {k: env[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", *NCCL_DEFAULTS) if k in env}
     print(f"relay on {socket.gethostname()} (node {args.node_rank}): {' '.join(command)}; "
