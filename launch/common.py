@@ -179,6 +179,50 @@ def slurm_controller_reachable() -> tuple[bool, str]:
     return True, ""
 
 
+def partition_resources(partition: str = "") -> tuple[str, int, set[str]] | None:
+    """(name, node count, GRES strings) of `partition` (default: the cluster's default one) from sinfo;
+    None when sinfo does not say."""
+    try:
+        out = subprocess.run(
+            ["sinfo", "--noheader", "--format=%P|%D|%G"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 2]
+    if not partition:
+        partition = next((name.rstrip("*") for name, _, _ in rows if name.endswith("*")), "")
+    mine = [
+        (int(count), gres) for name, count, gres in rows if name.rstrip("*") == partition and count.isdigit()
+    ]
+    if not mine:
+        return None
+    return partition, sum(count for count, _ in mine), {gres for _, gres in mine}
+
+
+def check_partition(nodes: int, gpus: int, partition: str = "") -> None:
+    """Refuse a submission that Slurm would reject or leave pending forever: more nodes than the partition
+    has, or GPUs asked on a partition without GPUs."""
+    found = partition_resources(partition)
+    if found is None:
+        return
+    name, count, gres = found
+    if nodes > count:
+        raise LaunchError(
+            f"NODES={nodes} but partition {name} has {count} node(s): the job would pend forever; "
+            f"use NODES<={count} or another partition"
+        )
+    if gpus > 0 and not any("gpu" in g for g in gres):
+        raise LaunchError(
+            f"GPUS_PER_NODE={gpus} but partition {name} has no GPUs (GRES: {', '.join(sorted(gres))}); "
+            "for CPU processes use GPUS_PER_NODE=0 (make pretrain) or --gpus-per-node 0 (launch.submit), "
+            "or choose a GPU partition"
+        )
+
+
 def tensorboard_command() -> str:
     """`tensorboard` beside the trainer's interpreter (the venv's bin/, not on PATH unless it is active)."""
     beside = Path(python_executable()).parent / "tensorboard"

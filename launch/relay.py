@@ -121,7 +121,9 @@ def local_route(address: str) -> tuple[str, str] | None:
         for _, name in socket.if_nameindex():
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 try:
-                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                    packed = fcntl.ioctl(
+                        s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15])
+                    )  # SIOCGIFADDR
                 except OSError:
                     continue
             if socket.inet_ntoa(packed[20:24]) == local:
@@ -214,8 +216,11 @@ def run(argv: list[str], env: dict[str, str]) -> int:
     while True:
         while received:
             sig = received.pop(0)
-            print(f"relay: {signal.Signals(sig).name} received on {socket.gethostname()}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"relay: {signal.Signals(sig).name} received on {socket.gethostname()}",
+                file=sys.stderr,
+                flush=True,
+            )
             workers.request(sig)
         workers.deliver()
         try:
@@ -225,15 +230,22 @@ def run(argv: list[str], env: dict[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.relay", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.relay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pick-port", metavar="JOB_ID", help="print a free rendezvous port and exit")
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--nproc-per-node", type=int, default=1)
     parser.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the first node (several nodes)")
     parser.add_argument("--rdzv-id", default="based")
-    parser.add_argument("--node-rank", type=int, default=int(os.environ.get("SLURM_NODEID", "0")),
-                        help="0 hosts the rendezvous store (default: $SLURM_NODEID)")
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        default=int(os.environ.get("SLURM_NODEID", "0")),
+        help="0 hosts the rendezvous store (default: $SLURM_NODEID)",
+    )
     parser.add_argument("trainer_args", nargs="*", help="CONFIG [key=value ...] (after --)")
     args = parser.parse_args(argv)
     if args.pick_port is not None:
@@ -244,13 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     host = args.rdzv_endpoint.rpartition(":")[0] if args.rdzv_endpoint and args.nnodes > 1 else None
     python = os.environ.get("PYTHON") or sys.executable
     route = local_route(host) if host is not None else None
-    command = torchrun_argv(python, args.trainer_args[0], args.trainer_args[1:], args.nnodes,
-                            args.nproc_per_node, args.rdzv_endpoint, args.rdzv_id, is_host=args.node_rank == 0,
-                            local_addr=route[1] if route else None)
+    command = torchrun_argv(
+        python,
+        args.trainer_args[0],
+        args.trainer_args[1:],
+        args.nnodes,
+        args.nproc_per_node,
+        args.rdzv_endpoint,
+        args.rdzv_id,
+        is_host=args.node_rank == 0,
+        local_addr=route[1] if route else None,
+    )
     env = agent_env(host)
     shown = {k: env[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", *NCCL_DEFAULTS) if k in env}
-    print(f"relay on {socket.gethostname()} (node {args.node_rank}): {' '.join(command)}; "
-          + " ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr, flush=True)
+    print(
+        f"relay on {socket.gethostname()} (node {args.node_rank}): {' '.join(command)}; "
+        + " ".join(f"{k}={v}" for k, v in shown.items()),
+        file=sys.stderr,
+        flush=True,
+    )
     return run(command, env)
 
 

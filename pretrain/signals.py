@@ -56,8 +56,10 @@ def watch_parent(interval_s: float = WATCH_INTERVAL_S) -> threading.Thread:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval_s)
-        print(f"pid {os.getpid()}: the torchrun agent (pid {parent}) is gone; checkpointing and stopping",
-              flush=True)
+        print(
+            f"pid {os.getpid()}: the torchrun agent (pid {parent}) is gone; checkpointing and stopping",
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=watch, name="parent-watchdog", daemon=True)
