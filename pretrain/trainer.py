@@ -173,9 +173,7 @@ class Trainer:
         cfg = self.cfg
         while self.state.step < cfg.schedule.max_steps:
             if all_reduce_max(float(self.signals.received is not None), self.dist.device) > 0:
-                folder = self.save()
-                self.metrics.message(f"signal received: checkpoint {folder} written at step {self.state.step}; exiting")
-                return 0
+                return self._stop_on_signal()
             loader_before = self.loader.state_dict()
             out = self.train_step(batches)
             if not out["finite"]:
@@ -186,6 +184,17 @@ class Trainer:
         self.metrics.message(f"finished {self.state.step} steps, {self.state.tokens_seen:,} tokens")
         if not self.checkpointer.folder(self.state.step).exists():
             self.save()
+        return 0
+
+    def _stop_on_signal(self) -> int:
+        """Checkpoint and exit 0; a signal before the first step of this run (during start-up) has nothing
+        new to save: the start (step 0) or the checkpoint it resumed from is where the next run begins."""
+        step = self.state.step
+        if step == 0 or self.checkpointer.folder(step).exists():
+            self.metrics.message(f"signal received before the first step (at step {step}): nothing new to save; exiting")
+            return 0
+        folder = self.save()
+        self.metrics.message(f"signal received: checkpoint {folder} written at step {step}; exiting")
         return 0
 
     def _non_finite(self, out: dict, loader_before: dict) -> None:

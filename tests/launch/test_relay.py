@@ -201,3 +201,28 @@ def test_submitit_requeues_past_three_time_outs(tmp_path, monkeypatch):
     executor = make_executor("slurm", 1, 0, "x", "10", 60)
     assert executor.max_num_timeout == MAX_TIMEOUT_REQUEUES >= 100
     assert common.LOG_DIR  # the launchers share one log folder setting
+
+
+def test_a_signal_while_the_trainer_starts_is_kept_until_the_first_step(tmp_path, tiny_data):
+    """SIGUSR1 right after the trainer process starts (imports, model build): it exits 0 at the first step
+    boundary instead of dying of the signal; with nothing trained, nothing is saved."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        "configs/based_tiny.yaml",
+        *run_overrides(tiny_data, run_dir, 40),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 30
+    while not relay.catches(proc.pid, signal.SIGUSR1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "torch" not in Path(f"/proc/{proc.pid}/maps").read_text(), "the handler came after torch's import"
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "signal received before the first step (at step 0): nothing new to save" in out, out
+    assert metric_rows(run_dir) == 0
