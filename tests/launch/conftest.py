@@ -161,21 +161,24 @@ class Slurm:
         out = self.run("scontrol", "show", "job", "--oneliner", job_id)
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
-    def wait_for(self, job_id: str, states: set[str], timeout: float, release_requeued: bool = False) -> dict:
+    def wait_for(
+        self, job_id: str, states: set[str], timeout: float, release_requeued: bool = False, also: tuple = ()
+    ) -> dict:
         """Poll until the job reaches one of `states`. Slurm holds a requeued job for about 2 minutes
-        (Reason=BeginTime); with `release_requeued` the test starts it at once."""
+        (Reason=BeginTime); with `release_requeued` the test starts it (and the jobs in `also`) at once."""
         deadline = time.monotonic() + timeout
-        held_since = None
+        held_since: dict[str, float] = {}
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info["JobState"] in states:
                 return info
-            held = info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime"
-            held_since = (held_since or time.monotonic()) if held else None
-            # slurmd refuses ("already killed") a job started within the second its previous run was
-            # killed in (credential revocation has 1 s resolution): wait a little before releasing it
-            if release_requeued and held and time.monotonic() - held_since > REQUEUE_RELEASE_AFTER_S:
-                self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+            for job, job_info in ((job_id, info), *((j, self.job(j)) for j in also)):
+                held = job_info["JobState"] == "PENDING" and job_info.get("Reason") == "BeginTime"
+                since = held_since.setdefault(job, time.monotonic()) if held else held_since.pop(job, None)
+                # slurmd refuses ("already killed") a job started within the second its previous run was
+                # killed in (credential revocation has 1 s resolution): wait a little before releasing it
+                if release_requeued and held and time.monotonic() - since > REQUEUE_RELEASE_AFTER_S:
+                    self.run("scontrol", "update", f"jobid={job}", "StartTime=now")
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s: {self.job(job_id)}")
 
