@@ -2,12 +2,13 @@
 (not torchrun itself) receive the checkpoint signal.
 
 Signals: the trainer checkpoints at the next step boundary on the first SIGUSR1/SIGTERM and exits at once on
-a second one. torchrun would turn SIGTERM into SIGTERM-then-SIGKILL-after-30-s for its workers and dies on
-SIGUSR1, so torchrun is started with SIGUSR1, SIGUSR2 and SIGTERM ignored and the launchers signal the
-workers (torchrun's children) themselves. The workers install their own handlers when training starts.
+a second one. torchrun dies on SIGUSR1 and would turn SIGTERM into SIGTERM-then-SIGKILL-after-30-s for its
+workers, so `Torchrun` starts it with SIGUSR1, SIGUSR2 and SIGTERM ignored and without its SIGTERM handler,
+and passes requests to the workers (torchrun's children) itself, holding them for a worker that is still
+starting (launch/relay.py, which slurm.sh runs on every node, does the same).
 
-`python -m launch.common describe CONFIG [key=value ...]` prints `run_dir=...` and `finished=0|1` for
-launch/slurm.sh (a config error exits 2 with the message).
+`python -m launch.common describe CONFIG [key=value ...]` prints `run_dir=`, `finished=0|1`, `device=`,
+`nodes=` (launch.nodes) and `tensorboard=` for launch/slurm.sh (a config error exits 2 with the message).
 """
 
 from __future__ import annotations
@@ -93,10 +94,19 @@ def torchrun_argv(
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "based",
     is_host: bool | None = None,
+    local_addr: str | None = None,
 ) -> list[str]:
     """torchrun running the trainer with `python_executable()` (see `launch.relay.torchrun_argv`)."""
     return relay.torchrun_argv(
-        python_executable(), str(config), overrides, nnodes, nproc_per_node, rdzv_endpoint, rdzv_id, is_host
+        python_executable(),
+        str(config),
+        overrides,
+        nnodes,
+        nproc_per_node,
+        rdzv_endpoint,
+        rdzv_id,
+        is_host,
+        local_addr,
     )
 
 

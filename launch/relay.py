@@ -101,10 +101,6 @@ class WorkerSignals:
             self.delivered[pid] = done
         return sent
 
-    def pending(self) -> bool:
-        """Whether some request has reached no worker yet."""
-        return bool(self.requests) and max(self.delivered.values(), default=0) < len(self.requests)
-
 
 def ignore_checkpoint_signals() -> None:
     """preexec_fn for torchrun: the signals meant for the trainers must not kill (or reach) the agent."""
