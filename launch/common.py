@@ -58,6 +58,11 @@ def check_config(config: str | Path, overrides: list[str], world_size: int | Non
             derive(cfg, world_size)
     except ConfigError as err:
         raise LaunchError(f"config error: {err}") from None
+    return cfg
+
+
+def check_data_path(cfg: TrainConfig) -> None:
+    """Refuse a run whose `data.path` does not exist (it would fail on the nodes after queueing)."""
     data = Path(cfg.data.path)
     if not data.exists():
         where = "" if data.is_absolute() else f" (relative to {Path.cwd()})"
@@ -65,7 +70,6 @@ def check_config(config: str | Path, overrides: list[str], world_size: int | Non
             f"data.path={cfg.data.path}: no such folder{where}; prepare the data (README.md, "
             "`make tiny-data` for the tiny corpus) or set data.path=... before submitting"
         )
-    return cfg
 
 
 def run_finished(cfg: TrainConfig) -> bool:
@@ -254,6 +258,7 @@ def _describe(argv: list[str]) -> int:
         return 2
     try:
         cfg = check_config(argv[0], argv[1:])
+        check_data_path(cfg)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

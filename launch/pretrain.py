@@ -25,6 +25,7 @@ from launch.common import (
     LaunchError,
     Torchrun,
     check_config,
+    check_data_path,
     check_partition,
     local_gpu_count,
     parse_count,
@@ -182,12 +183,15 @@ def run_in_allocation(config: str, overrides: list[str], nodes: int, gpus: int, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        given = args.nodes not in (None, "")
+        nodes = parse_count(args.nodes, "NODES") if given else None
         cfg = check_config(args.config, args.overrides)
-        nodes = parse_count(args.nodes if args.nodes not in (None, "") else cfg.launch.nodes, "NODES")
+        nodes = nodes if given else parse_count(cfg.launch.nodes, "launch.nodes")
         launcher = choose_launcher(args.launcher, nodes)
         gpus = gpus_per_node(args.gpus_per_node, cfg, launcher)
         world_size = nodes * (gpus or 1)
         cfg = check_config(args.config, args.overrides, world_size=world_size)
+        check_data_path(cfg)
         if launcher == "local":
             return run_local(args.config, args.overrides, gpus, cfg)
         if launcher == "allocation":

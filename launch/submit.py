@@ -30,6 +30,7 @@ from launch.common import (
     LaunchError,
     Torchrun,
     check_config,
+    check_data_path,
     check_partition,
     parse_count,
     print_run_summary,
@@ -227,6 +228,7 @@ def submit(
     overrides = list(overrides or [])
     nproc = max(gpus_per_node, 1)
     cfg = check_config(config, overrides, world_size=nodes * nproc)
+    check_data_path(cfg)
     if cluster == "auto":
         reachable, why = slurm_controller_reachable()
         cluster = "slurm" if reachable else "local"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launch import common, relay
-from launch.common import LaunchError, check_config, check_partition
+from launch.common import LaunchError, check_partition
 from pretrain.metrics import progress_line
 from pretrain.signals import SignalFlag
 from tests.launch.conftest import ROOT, launch_env, metric_rows, run_overrides
@@ -141,9 +141,15 @@ def test_agent_env_sets_nccl_defaults_unless_given_and_drops_torchruns_sigterm_h
     assert "SIGTERM" not in env["TORCHELASTIC_SIGNALS_TO_HANDLE"] and env["GLOO_SOCKET_IFNAME"] == "lo"
 
 
-def test_missing_data_path_is_refused_before_submitting(tmp_path):
-    with pytest.raises(LaunchError, match=r"data.path=\S+/nothing: no such folder"):
-        check_config("configs/based_tiny.yaml", [f"data.path={tmp_path / 'nothing'}"])
+def test_missing_data_path_is_refused_before_submitting(tmp_path, fake_slurm):
+    bin_dir, record = fake_slurm
+    env = launch_env(tmp_path / "logs", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("SLURM_JOB_ID", None)
+    cmd = [sys.executable, "-m", "launch.pretrain", "--config", "configs/based_tiny.yaml", "--nodes", "2"]
+    cmd += ["--gpus-per-node", "0", "--", f"data.path={tmp_path / 'nothing'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"data.path={tmp_path / 'nothing'}: no such folder" in result.stderr
+    assert not record.exists(), "sbatch was called"
 
 
 def fake_sinfo(monkeypatch, tmp_path, lines: str) -> None:
