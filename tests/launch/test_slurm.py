@@ -109,6 +109,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(slurm, jobs):
     assert last_loss(run_dir) == reference == (MAX_STEPS, reference[1])
 
 
+@pytest.mark.slow  # the longest of tests/launch (about 110 s on 2 busy cores): make test-slow
 def test_submitit_job_on_slurm_is_checkpointed_requeued_and_returns_its_result(
     slurm, jobs, tiny_data, tmp_path, monkeypatch
 ):
