@@ -36,17 +36,17 @@ log() { echo "slurm_cluster: $*" >&2; }
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-        && command -v sbatch >/dev/null; then
+        && command -v sbatch >/dev/null && command -v ip >/dev/null && command -v nsenter >/dev/null; then
         return 0
     fi
     if ! command -v apt-get >/dev/null; then
         log "slurmctld/slurmd/munge are not installed and there is no apt-get to install them"
         return 3
     fi
-    log "installing slurmctld slurmd slurm-client munge with apt-get"
+    log "installing slurmctld slurmd slurm-client munge iproute2 util-linux with apt-get"
     export DEBIAN_FRONTEND=noninteractive
     if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-        slurmctld slurmd slurm-client munge; } >"$ROOT_DIR/apt.log" 2>&1; then
+        slurmctld slurmd slurm-client munge iproute2 util-linux; } >"$ROOT_DIR/apt.log" 2>&1; then
         log "apt-get could not install the Slurm packages (see $ROOT_DIR/apt.log):"
         tail -n 5 "$ROOT_DIR/apt.log" >&2
         return 3
