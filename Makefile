@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 CONFIG ?= configs/based_tiny.yaml
-NODES ?= 1
+NODES ?=
 GPUS_PER_NODE ?=
 ARGS ?=
 TINY_DATA ?= data/tiny
@@ -45,11 +45,11 @@ test-gpu: setup
 tiny-data: setup
 	@test -f $(TINY_DATA)/manifest.json || $(PYTHON) -m data_pipeline.tiny_corpus --out $(TINY_DATA) --seq-len 128
 
-# make pretrain [CONFIG=configs/x.yaml] [NODES=n] [GPUS_PER_NODE=g] [ARGS="key=value ..."]
+# make pretrain [CONFIG=configs/x.yaml] [NODES=n (default: the config's launch.nodes)] [GPUS_PER_NODE=g] [ARGS="key=value ..."]
 pretrain: setup
 	@if [ "$(CONFIG)" = "configs/based_tiny.yaml" ] || grep -q "path: $(TINY_DATA)$$" "$(CONFIG)" 2>/dev/null; then \
 		$(MAKE) --no-print-directory tiny-data; fi
-	$(PYTHON) -m launch.pretrain --config "$(CONFIG)" --nodes "$(NODES)" $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) -- $(ARGS)
+	$(PYTHON) -m launch.pretrain --config "$(CONFIG)" $(if $(NODES),--nodes $(NODES)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) -- $(ARGS)
 
 # make describe CONFIG=configs/x.yaml [NODES=n] [GPUS_PER_NODE=g] [DEVICE=H100|H200] [TOKENS_PER_S=per-GPU rate]
 describe: setup

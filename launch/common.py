@@ -2,12 +2,13 @@
 (not torchrun itself) receive the checkpoint signal.
 
 Signals: the trainer checkpoints at the next step boundary on the first SIGUSR1/SIGTERM and exits at once on
-a second one. torchrun would turn SIGTERM into SIGTERM-then-SIGKILL-after-30-s for its workers and dies on
-SIGUSR1, so torchrun is started with SIGUSR1, SIGUSR2 and SIGTERM ignored and the launchers signal the
-workers (torchrun's children) themselves. The workers install their own handlers when training starts.
+a second one. torchrun dies on SIGUSR1 and would turn SIGTERM into SIGTERM-then-SIGKILL-after-30-s for its
+workers, so `Torchrun` starts it with SIGUSR1, SIGUSR2 and SIGTERM ignored and without its SIGTERM handler,
+and passes requests to the workers (torchrun's children) itself, holding them for a worker that is still
+starting (launch/relay.py, which slurm.sh runs on every node, does the same).
 
-`python -m launch.common describe CONFIG [key=value ...]` prints `run_dir=...` and `finished=0|1` for
-launch/slurm.sh (a config error exits 2 with the message).
+`python -m launch.common describe CONFIG [key=value ...]` prints `run_dir=`, `finished=0|1`, `device=`,
+`nodes=` (launch.nodes) and `tensorboard=` for launch/slurm.sh (a config error exits 2 with the message).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import sys
 import threading
 from pathlib import Path
 
+from launch import relay
 from pretrain.config import ConfigError, TrainConfig, derive, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Logs of all launches, one file per job: $LOG_DIR/<job name>-<job id>.log, default logs/ (as slurm.sh's
 # #SBATCH --output); submitit's in $LOG_DIR/submitit/<job id>/.
 LOG_DIR = Path(os.environ.get("LOG_DIR") or "logs")
-IGNORED_IN_TORCHRUN = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class LaunchError(ValueError):
@@ -62,6 +63,17 @@ def check_config(config: str | Path, overrides: list[str], world_size: int | Non
     return cfg
 
 
+def check_data_path(cfg: TrainConfig) -> None:
+    """Refuse a run whose `data.path` does not exist (it would fail on the nodes after queueing)."""
+    data = Path(cfg.data.path)
+    if not data.exists():
+        where = "" if data.is_absolute() else f" (relative to {Path.cwd()})"
+        raise LaunchError(
+            f"data.path={cfg.data.path}: no such folder{where}; prepare the data (README.md, "
+            "`make tiny-data` for the tiny corpus) or set data.path=... before submitting"
+        )
+
+
 def run_finished(cfg: TrainConfig) -> bool:
     """Whether the run folder holds a complete checkpoint at `schedule.max_steps`."""
     folder = cfg.resolved_run_dir / "checkpoints" / f"step_{cfg.schedule.max_steps:08d}"
@@ -87,47 +99,21 @@ def torchrun_argv(
     nproc_per_node: int,
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "based",
+    is_host: bool | None = None,
+    local_addr: str | None = None,
 ) -> list[str]:
-    """torchrun running the trainer: standalone on one node, else c10d rendezvous at `rdzv_endpoint`."""
-    argv = [
+    """torchrun running the trainer with `python_executable()` (see `launch.relay.torchrun_argv`)."""
+    return relay.torchrun_argv(
         python_executable(),
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc_per_node}",
-        "--max-restarts=0",
-    ]
-    if rdzv_endpoint is None:
-        argv += ["--standalone", "--nnodes=1"]
-    else:
-        argv += [
-            f"--nnodes={nnodes}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rdzv_endpoint}",
-            f"--rdzv-id={rdzv_id}",
-        ]
-    return argv + ["-m", "pretrain.train", str(config), *overrides]
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (torchrun's workers), read from /proc."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # the command name (field 2) may hold spaces and parentheses; fields after the last ')' are fixed
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            children.append(int(entry.name))
-    return children
-
-
-def _ignore_checkpoint_signals() -> None:
-    for sig in IGNORED_IN_TORCHRUN:
-        signal.signal(sig, signal.SIG_IGN)
+        str(config),
+        overrides,
+        nnodes,
+        nproc_per_node,
+        rdzv_endpoint,
+        rdzv_id,
+        is_host,
+        local_addr,
+    )
 
 
 class Torchrun:
@@ -136,21 +122,31 @@ class Torchrun:
     A thread reads the output and reaps the process, so `wait()` is safe to call from a signal handler.
     """
 
-    def __init__(self, argv: list[str], log_path: Path | None = None, echo: bool = True) -> None:
+    def __init__(
+        self, argv: list[str], log_path: Path | None = None, echo: bool = True, rdzv_host: str | None = None
+    ) -> None:
         self.log_path = log_path
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.setdefault("OMP_NUM_THREADS", "1")
         self.process = subprocess.Popen(
             argv,
-            env=env,
+            env=relay.agent_env(rdzv_host),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_ignore_checkpoint_signals,
+            preexec_fn=relay.ignore_checkpoint_signals,
         )
+        self.workers = relay.WorkerSignals(self.process.pid, say=self._say)
         self._done = threading.Event()
         threading.Thread(target=self._follow, args=(echo,), daemon=True).start()
+        threading.Thread(target=self._relay, daemon=True).start()
+
+    def _say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def _relay(self) -> None:
+        """Deliver pending signal requests, also to workers that install their handler later."""
+        while not self._done.wait(relay.POLL_S):
+            self.workers.deliver()
 
     def _follow(self, echo: bool) -> None:
         log = open(self.log_path, "ab") if self.log_path is not None else None
@@ -169,14 +165,10 @@ class Torchrun:
             self._done.set()
 
     def signal_workers(self, sig: int = signal.SIGUSR1) -> int:
-        """Send `sig` to the training processes on this machine; returns how many were signalled."""
-        workers = child_pids(self.process.pid)
-        for pid in workers:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        return len(workers)
+        """Ask the training processes on this machine for `sig` (workers still starting get it once they
+        handle it); returns how many workers there are now."""
+        self.workers.request(sig)
+        return len(relay.child_pids(self.process.pid))
 
     def running(self) -> bool:
         return not self._done.is_set()
@@ -203,11 +195,61 @@ def slurm_controller_reachable() -> tuple[bool, str]:
     return True, ""
 
 
+def partition_resources(partition: str = "") -> tuple[str, int, set[str]] | None:
+    """(name, node count, GRES strings) of `partition` (default: the cluster's default one) from sinfo;
+    None when sinfo does not say."""
+    try:
+        out = subprocess.run(
+            ["sinfo", "--noheader", "--format=%P|%D|%G"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 2]
+    if not partition:
+        partition = next((name.rstrip("*") for name, _, _ in rows if name.endswith("*")), "")
+    mine = [
+        (int(count), gres) for name, count, gres in rows if name.rstrip("*") == partition and count.isdigit()
+    ]
+    if not mine:
+        return None
+    return partition, sum(count for count, _ in mine), {gres for _, gres in mine}
+
+
+def check_partition(nodes: int, gpus: int, partition: str = "") -> None:
+    """Refuse a submission that Slurm would reject or leave pending forever: more nodes than the partition
+    has, or GPUs asked on a partition without GPUs."""
+    found = partition_resources(partition)
+    if found is None:
+        return
+    name, count, gres = found
+    if nodes > count:
+        raise LaunchError(
+            f"NODES={nodes} but partition {name} has {count} node(s): the job would pend forever; "
+            f"use NODES<={count} or another partition"
+        )
+    if gpus > 0 and not any("gpu" in g for g in gres):
+        raise LaunchError(
+            f"GPUS_PER_NODE={gpus} but partition {name} has no GPUs (GRES: {', '.join(sorted(gres))}); "
+            "for CPU processes use GPUS_PER_NODE=0 (make pretrain) or --gpus-per-node 0 (launch.submit), "
+            "or choose a GPU partition"
+        )
+
+
+def tensorboard_command() -> str:
+    """`tensorboard` beside the trainer's interpreter (the venv's bin/, not on PATH unless it is active)."""
+    beside = Path(python_executable()).parent / "tensorboard"
+    return str(beside) if beside.is_file() else "tensorboard"
+
+
 def print_run_summary(job: str, log_path: Path | str, cfg: TrainConfig) -> None:
     run_dir = cfg.resolved_run_dir
     print(
         f"job:         {job}\nlog:         {log_path}\nrun folder:  {run_dir}\n"
-        f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
+        f"TensorBoard: {tensorboard_command()} --logdir {run_dir / 'tb'}",
         flush=True,
     )
 
@@ -218,10 +260,14 @@ def _describe(argv: list[str]) -> int:
         return 2
     try:
         cfg = check_config(argv[0], argv[1:])
+        check_data_path(cfg)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run_dir={cfg.resolved_run_dir}\nfinished={int(run_finished(cfg))}")
+    print(
+        f"run_dir={cfg.resolved_run_dir}\nfinished={int(run_finished(cfg))}\ndevice={cfg.device}\n"
+        f"nodes={cfg.launch.nodes}\ntensorboard={tensorboard_command()}"
+    )
     return 0
 
 

@@ -25,6 +25,8 @@ from launch.common import (
     LaunchError,
     Torchrun,
     check_config,
+    check_data_path,
+    check_partition,
     local_gpu_count,
     parse_count,
     print_run_summary,
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/based_1b_50b.yaml")
-    parser.add_argument("--nodes", default="1", help="number of nodes (default 1)")
+    parser.add_argument("--nodes", default=None, help="number of nodes (default: the config's launch.nodes)")
     parser.add_argument(
         "--gpus-per-node",
         default=None,
@@ -136,7 +138,7 @@ def sbatch_command(
         f"--job-name={cfg.run_name}",
         f"--time={args.time or launch.time_limit}",
         f"--signal=B:USR1@{launch.signal_seconds_before_end}",
-        f"--output={LOG_DIR}/%x-%j.log",
+        f"--output={LOG_DIR.resolve()}/%x-%j.log",
         f"--export=ALL,PYTHON={sys.executable}",
     ]
     partition = args.partition if args.partition is not None else launch.partition
@@ -181,17 +183,23 @@ def run_in_allocation(config: str, overrides: list[str], nodes: int, gpus: int, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        nodes = parse_count(args.nodes, "NODES")
+        given = args.nodes not in (None, "")
+        nodes = parse_count(args.nodes, "NODES") if given else None
         cfg = check_config(args.config, args.overrides)
+        nodes = nodes if given else parse_count(cfg.launch.nodes, "launch.nodes")
         launcher = choose_launcher(args.launcher, nodes)
         gpus = gpus_per_node(args.gpus_per_node, cfg, launcher)
         world_size = nodes * (gpus or 1)
         cfg = check_config(args.config, args.overrides, world_size=world_size)
+        check_data_path(cfg)
         if launcher == "local":
             return run_local(args.config, args.overrides, gpus, cfg)
         if launcher == "allocation":
             return run_in_allocation(args.config, args.overrides, nodes, gpus, cfg)
         if launcher == "slurm":
+            check_partition(
+                nodes, gpus, args.partition if args.partition is not None else cfg.launch.partition
+            )
             return submit_sbatch(sbatch_command(args.config, args.overrides, nodes, gpus, args, cfg), cfg)
         from launch.submit import main as submit_main
 

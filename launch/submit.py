@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,11 +24,14 @@ from pathlib import Path
 
 import submitit
 
+from launch import relay
 from launch.common import (
     LOG_DIR,
     LaunchError,
     Torchrun,
     check_config,
+    check_data_path,
+    check_partition,
     parse_count,
     print_run_summary,
     slurm_controller_reachable,
@@ -36,6 +41,8 @@ from launch.common import (
 # A SIGTERM this recent means Slurm signalled every process of the job, the trainers included (preemption):
 # they are already checkpointing, and a second signal would make them exit without a checkpoint.
 RECENT_SIGTERM_S = 120.0
+# submitit's default is 3: the 4th time-out would end the run unfinished. Preemptions are not counted.
+MAX_TIMEOUT_REQUEUES = 1000
 
 
 def parse_minutes(limit: str) -> int:
@@ -68,6 +75,24 @@ def last_train_loss(run_dir: Path) -> tuple[int, float] | None:
     return last
 
 
+def job_port(job_id: str) -> int:
+    """The rendezvous port of a submitit job: from its id, below the ephemeral port range."""
+    digits = int("".join(c for c in str(job_id) if c.isdigit()) or 0)
+    return relay.PORT_BASE + digits % relay.PORT_SPAN
+
+
+def node_address(node: str) -> str:
+    """The address Slurm reaches `node` at (NodeAddr), else the name itself."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", "--oneliner", node], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return node
+    found = re.search(r"\bNodeAddr=(\S+)", out)
+    return found.group(1) if found else node
+
+
 @dataclass
 class TrainJob:
     """The callable submitit runs on every node: torchrun of the trainer; checkpointable for requeue."""
@@ -90,20 +115,26 @@ class TrainJob:
     def __call__(self) -> dict:
         env = submitit.JobEnvironment()
         self._note_sigterm()
+        host = None
         if env.num_nodes > 1:
-            port = 20000 + int("".join(c for c in env.job_id if c.isdigit()) or 0) % 20000
+            # Every node computes the same port (no channel to agree on a free one); node 0 hosts the store
+            # at its Slurm address, whatever its hostname.
+            host = node_address(env.hostnames[0])
+            route = relay.local_route(host)
             argv = torchrun_argv(
                 self.config,
                 self.overrides,
                 env.num_nodes,
                 self.nproc_per_node,
-                rdzv_endpoint=f"{env.hostnames[0]}:{port}",
+                rdzv_endpoint=f"{host}:{job_port(env.job_id)}",
                 rdzv_id=env.job_id,
+                is_host=env.node == 0,
+                local_addr=route[1] if route else None,
             )
         else:
             argv = torchrun_argv(self.config, self.overrides, 1, self.nproc_per_node)
         print(f"node {env.node}/{env.num_nodes} of job {env.job_id}: {' '.join(argv)}", flush=True)
-        self._run = Torchrun(argv)
+        self._run = Torchrun(argv, rdzv_host=host)
         code = self._run.wait()
         if code != 0:
             raise RuntimeError(f"training exited with status {code} on node {env.node} (see this job's log)")
@@ -160,7 +191,7 @@ def make_executor(
             timeout_min=minutes, tasks_per_node=1, gpus_per_node=gpus, signal_delay_s=signal_seconds
         )
         return executor
-    executor = submitit.SlurmExecutor(folder=folder)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUT_REQUEUES)
     params: dict = {
         "job_name": run_name,
         "nodes": nodes,
@@ -192,10 +223,12 @@ def submit(
     time_limit: str | None = None,
     cpus_per_task: int | None = None,
 ) -> submitit.Job:
-    """Check the config, then submit it; returns the submitit job (`job.result()` waits for the result dict)."""
+    """Check the config, then submit it; returns the submitit job (`job.results()[0]` waits for the result
+    dict; `job.result()` works for one node only)."""
     overrides = list(overrides or [])
     nproc = max(gpus_per_node, 1)
     cfg = check_config(config, overrides, world_size=nodes * nproc)
+    check_data_path(cfg)
     if cluster == "auto":
         reachable, why = slurm_controller_reachable()
         cluster = "slurm" if reachable else "local"
@@ -206,6 +239,8 @@ def submit(
     if cluster == "local" and nodes > 1:
         raise LaunchError(f"--nodes {nodes} with --cluster local: the local executor uses this machine only")
     launch = cfg.launch
+    if cluster == "slurm":
+        check_partition(nodes, gpus_per_node, partition if partition is not None else launch.partition)
     executor = make_executor(
         cluster,
         nodes,
@@ -217,7 +252,18 @@ def submit(
         account if account is not None else launch.account,
         cpus_per_task,
     )
-    return executor.submit(TrainJob(config, overrides, nproc))
+    job = executor.submit(TrainJob(config, overrides, nproc))
+    remove_unexpanded_folder(LOG_DIR / "submitit" / "%j")
+    return job
+
+
+def remove_unexpanded_folder(folder: Path) -> None:
+    """submitit creates its folder pattern literally (logs/submitit/%j) before any job exists: drop it when
+    empty, so that only the jobs' own folders remain."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = check_config(args.config, args.overrides)
     print_run_summary(f"submitit {type(job).__name__} {job.job_id}", job.paths.stdout, cfg)
     if args.wait:
-        print(f"result: {job.result()}")
+        # one result per node task (results(): result() fails for several tasks); they agree
+        print(f"result: {job.results()[0]}")
     return 0
 
 

@@ -43,6 +43,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def progress_line(step: int, total: int, row: dict[str, float]) -> str:
+    """`step 10/80 loss 4.1234 lr 1.00e-03 ...` from a logged row (throughput keys when present)."""
+    parts = [f"step {step}/{total}", f"loss {row['train/loss']:.4f}"]
+    for key, label, spec in (("train/lr", "lr", ".2e"), ("perf/tokens_per_s", "tok/s", ",.0f")):
+        if key in row:
+            parts.append(f"{label} {row[key]:{spec}}")
+    return "  ".join(parts)
+
+
 class MetricsLogger:
     """Writes rows on rank 0 only; other ranks hold a logger that does nothing."""
 
@@ -62,6 +71,8 @@ class MetricsLogger:
 
             # hides earlier events of steps >= start_step + 1 (they are redone from here)
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
+        # Without a live bar (a job log, a pipe, or progress_bar=false) each logged step prints a plain line.
+        self._plain_total = total_steps if not (progress_bar and sys.stdout.isatty()) else None
         if progress_bar:
             from tqdm import tqdm
 
@@ -81,6 +92,8 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in row.items():
                 self._tb.add_scalar(key, value, step)
+        if self._plain_total is not None and "train/loss" in row:
+            print(progress_line(step, self._plain_total, row), flush=True)
         if self._bar is not None and "train/loss" in row:
             self._bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row.get('train/lr', 0):.2e}", refresh=False)
 

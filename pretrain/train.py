@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
+# First, before torch is imported (seconds): a checkpoint request (SIGUSR1/SIGTERM) during start-up is
+# remembered and acted on at the first step boundary, and a worker whose torchrun is gone stops.
+from pretrain.signals import install_at_start
 
-from pretrain.checkpoint import CheckpointError
-from pretrain.config import ConfigError, load_config
-from pretrain.distributed import init_distributed, shutdown
-from pretrain.trainer import NonFiniteError, Trainer
+install_at_start()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pretrain.checkpoint import CheckpointError  # noqa: E402
+from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.distributed import init_distributed, shutdown  # noqa: E402
+from pretrain.trainer import NonFiniteError, Trainer  # noqa: E402
+
+
+def tensorboard_command() -> str:
+    """`tensorboard` next to this interpreter (the venv's, not on PATH unless the venv is active)."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    return str(beside) if beside.is_file() else "tensorboard"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if dist_info.is_main and code == 0:
         run = cfg.resolved_run_dir
         print(f"run folder: {run}\n  metrics:     {run / 'metrics.jsonl'}\n  checkpoints: {run / 'checkpoints'}\n"
-              f"  TensorBoard: tensorboard --logdir {run / 'tb'}")
+              f"  TensorBoard: {tensorboard_command()} --logdir {run / 'tb'}")
     shutdown(exit_code=code if dist_info.world_size > 1 else None)
     return code
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from pretrain.flops import training_flops_per_token
 from pretrain.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.parallelize import batch_to_device, check_layout, compile_seconds, parallelize, unwrap
+from pretrain.signals import SignalFlag
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +35,6 @@ log = logging.getLogger(__name__)
 class NonFiniteError(RuntimeError):
     """Raised under `nonfinite_policy: stop`, or after `nonfinite_skip_limit` consecutive skipped steps under
     `skip`, once the last good state was checkpointed."""
-
-
-class SignalFlag:
-    """First SIGTERM/SIGUSR1: checkpoint at the next step boundary and exit 0. Second: exit at once.
-
-    A repeat within `debounce_s` of the first is the same request delivered twice (Slurm sends TERM both to
-    the step and to its tasks), not a second one.
-    """
-
-    def __init__(self, debounce_s: float = 2.0) -> None:
-        self.received: int | None = None
-        self.debounce_s = debounce_s
-        self._first_at = 0.0
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame) -> None:
-        now = time.monotonic()
-        if self.received is None:
-            self.received, self._first_at = signum, now
-        elif now - self._first_at > self.debounce_s:
-            os._exit(128 + signum)
 
 
 @dataclass
@@ -238,9 +213,7 @@ class Trainer:
         cfg = self.cfg
         while self.state.step < cfg.schedule.max_steps:
             if all_reduce_max(float(self.signals.received is not None), self.dist.device) > 0:
-                folder = self.save()
-                self.metrics.message(f"signal received: checkpoint {folder} written at step {self.state.step}; exiting")
-                return 0
+                return self._stop_on_signal()
             loader_before = self.loader.state_dict()
             started = time.perf_counter()
             out = self.train_step(batches)
@@ -259,6 +232,17 @@ class Trainer:
         self.metrics.message(f"finished {self.state.step} steps, {self.state.tokens_seen:,} tokens")
         if not self.checkpointer.folder(self.state.step).exists():
             self.save()
+        return 0
+
+    def _stop_on_signal(self) -> int:
+        """Checkpoint and exit 0; a signal before the first step of this run (during start-up) has nothing
+        new to save: the start (step 0) or the checkpoint it resumed from is where the next run begins."""
+        step = self.state.step
+        if step == 0 or self.checkpointer.folder(step).exists():
+            self.metrics.message(f"signal received before the first step (at step {step}): nothing new to save; exiting")
+            return 0
+        folder = self.save()
+        self.metrics.message(f"signal received: checkpoint {folder} written at step {step}; exiting")
         return 0
 
     def _non_finite(self, out: dict, loader_before: dict) -> None:

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
 PACKAGES_UNAVAILABLE = 3
+REQUEUE_RELEASE_AFTER_S = 3.0
 
 # Short deterministic CPU runs: 1 process, 16 x 128 tokens per step, no validation, checkpoints every 10 steps.
 FAST = [
@@ -108,26 +109,39 @@ def make_venv(tmp_path) -> Path:
     return venv
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> dict[str, str]:
-    """Install (apt-get), configure and start slurmctld + slurmd + munged on localhost; stop them afterwards.
-
-    Yields the environment for Slurm commands (SLURM_CONF). Skips only when the packages cannot be installed."""
+def start_cluster(kind: str):
+    """Install (apt-get), configure and start the test cluster `kind` (tests/launch/slurm_cluster.sh);
+    yields the environment for its Slurm commands (SLURM_CONF, and PATH for twonode's wrappers); stops it
+    afterwards. Skips only when the packages cannot be installed."""
     state = os.environ.get("SLURM_TEST_DIR", "/tmp/based-slurm-test")
     env = dict(os.environ, SLURM_TEST_DIR=state)
     started = time.monotonic()
     result = subprocess.run(
-        ["bash", str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600
+        ["bash", str(CLUSTER_SCRIPT), "start", kind],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
     )
     if result.returncode == PACKAGES_UNAVAILABLE:
         pytest.skip(f"Slurm packages cannot be installed here: {result.stderr.strip()}")
     if result.returncode != 0:
-        pytest.fail(f"the local Slurm cluster did not start (exit {result.returncode}):\n{result.stderr}")
-    print(f"local Slurm cluster up in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        pytest.fail(f"the {kind} Slurm cluster did not start (exit {result.returncode}):\n{result.stderr}")
+    print(f"{kind} Slurm cluster up in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    cluster_env = {"SLURM_CONF": f"{state}/{kind}/slurm.conf"}
+    if kind == "twonode":
+        cluster_env["PATH"] = f"{state}/twonode/bin:{os.environ['PATH']}"
     try:
-        yield {"SLURM_CONF": f"{state}/slurm.conf"}
+        yield cluster_env
     finally:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", kind], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The one-node proctrack/linuxproc cluster."""
+    yield from start_cluster("linuxproc")
 
 
 class Slurm:
@@ -147,16 +161,24 @@ class Slurm:
         out = self.run("scontrol", "show", "job", "--oneliner", job_id)
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
-    def wait_for(self, job_id: str, states: set[str], timeout: float, release_requeued: bool = False) -> dict:
+    def wait_for(
+        self, job_id: str, states: set[str], timeout: float, release_requeued: bool = False, also: tuple = ()
+    ) -> dict:
         """Poll until the job reaches one of `states`. Slurm holds a requeued job for about 2 minutes
-        (Reason=BeginTime); with `release_requeued` the test starts it at once."""
+        (Reason=BeginTime); with `release_requeued` the test starts it (and the jobs in `also`) at once."""
         deadline = time.monotonic() + timeout
+        held_since: dict[str, float] = {}
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info["JobState"] in states:
                 return info
-            if release_requeued and info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+            for job, job_info in ((job_id, info), *((j, self.job(j)) for j in also)):
+                held = job_info["JobState"] == "PENDING" and job_info.get("Reason") == "BeginTime"
+                since = held_since.setdefault(job, time.monotonic()) if held else held_since.pop(job, None)
+                # slurmd refuses ("already killed") a job started within the second its previous run was
+                # killed in (credential revocation has 1 s resolution): wait a little before releasing it
+                if release_requeued and held and time.monotonic() - since > REQUEUE_RELEASE_AFTER_S:
+                    self.run("scontrol", "update", f"jobid={job}", "StartTime=now")
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s: {self.job(job_id)}")
 
@@ -164,3 +186,18 @@ class Slurm:
 @pytest.fixture(scope="session")
 def slurm(slurm_cluster) -> Slurm:
     return Slurm(dict(os.environ, **slurm_cluster))
+
+
+def _cluster_fixture(kind: str):
+    @pytest.fixture(scope="session")
+    def fixture():
+        for env in start_cluster(kind):
+            yield Slurm(dict(os.environ, **env))
+
+    return fixture
+
+
+# proctrack/cgroup + task/cgroup,task/affinity on one node, as most sites run
+slurm_cgroup = _cluster_fixture("cgroup")
+# two slurmd in their own network and hostname namespaces (hostnames box1/box2, NodeNames n1/n2)
+slurm_twonode = _cluster_fixture("twonode")

@@ -1,7 +1,7 @@
 """launch/slurm.sh and launch/submit.py against a real one-node Slurm (Debian's slurmctld + slurmd, CPU only).
 
 The cluster is installed and started by tests/launch/slurm_cluster.sh (fixture `slurm_cluster`). The tiny
-config trains 80 steps on one CPU process per job; an uninterrupted job is the reference for the final loss
+config trains 40 steps on one CPU process per job; an uninterrupted job is the reference for the final loss
 of a job that is sent SIGUSR1, checkpoints, is requeued and resumes.
 """
 
@@ -21,7 +21,7 @@ from tests.launch.conftest import ROOT, Slurm, last_loss, launch_env, metric_row
 
 pytestmark = pytest.mark.slurm
 
-MAX_STEPS = 80
+MAX_STEPS = 40
 # Signal once the job has logged this many steps (of MAX_STEPS), so that training is surely under way.
 SIGNAL_AFTER_ROWS = 5
 JOB_TIMEOUT_S = 240
@@ -109,6 +109,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(slurm, jobs):
     assert last_loss(run_dir) == reference == (MAX_STEPS, reference[1])
 
 
+@pytest.mark.slow  # the longest of tests/launch (about 110 s on 2 busy cores): make test-slow
 def test_submitit_job_on_slurm_is_checkpointed_requeued_and_returns_its_result(
     slurm, jobs, tiny_data, tmp_path, monkeypatch
 ):
