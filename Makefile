@@ -53,7 +53,7 @@ pretrain: setup
 
 # make describe CONFIG=configs/x.yaml [NODES=n] [GPUS_PER_NODE=g] [DEVICE=H100|H200] [TOKENS_PER_S=per-GPU rate]
 describe: setup
-	$(PYTHON) -m pretrain.describe $(CONFIG) --nodes "$(NODES)" $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
+	$(PYTHON) -m pretrain.describe $(CONFIG) $(if $(NODES),--nodes $(NODES)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
 		--device "$(DEVICE)" $(if $(TOKENS_PER_S),--tokens-per-s $(TOKENS_PER_S))
 
 # make report RUNS="runs/a runs/b ..." [REPORT_OUT=reports/latest]: report.md and figures (tools/report.py)

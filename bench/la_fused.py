@@ -84,7 +84,7 @@ def check_correct() -> list[dict]:
         g = torch.autograd.grad([o, kv, ks], ins, [c.to(x.dtype) for c, x in zip(cot, (o, kv, ks), strict=True)])
         g_r = torch.autograd.grad([o_r, kv_r, ks_r], ref_in, cot)
         errs = {"o": rel(o, o_r), "kv": rel(kv, kv_r), "ks": rel(ks, ks_r)}
-        errs.update({n: rel(a, e) for n, a, e in zip(["dq", "dk", "dv", "dkv0", "dks0"], g, g_r, strict=True)})
+        errs.update({n: rel(a, e) for n, a, e in zip(["dq", "dk", "dval", "dkv0", "dks0"], g, g_r, strict=True)})
         rows.append({"dtype": str(dtype), "dv": dv, "T": t, "outer": outer, **errs})
         print(f"correct {dtype} Dv{dv} T{t} {outer}: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     return rows

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT, tiny_model
+from conftest import ROOT, save_checkpoint, tiny_model, write_manifest
 
 from based_layers import build_model
 from pretrain.config import load_config
@@ -219,7 +219,6 @@ def _published_folder(root, native):
 
 def test_import_records_the_published_tokenizer_not_data_tiny(tmp_path, monkeypatch, sp_tokenizer):
     """Run from a checkout that has data/tiny: an imported GPT-2-vocabulary model still names tiktoken:gpt2."""
-    from conftest import write_manifest
 
     from tools.import_hf import main
 
@@ -246,7 +245,6 @@ def test_import_refuses_a_non_empty_out(tmp_path, capsys):
 
 def test_a_tokenizer_of_another_vocabulary_is_refused(tmp_path, sp_tokenizer, capsys):
     """A 300-token model whose run names a 200-token tokenizer: every tool refuses it, naming both sizes."""
-    from conftest import save_checkpoint, write_manifest
 
     from tools import generate
     from tools.export_hf import ExportError, export
