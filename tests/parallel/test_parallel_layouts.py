@@ -3,7 +3,7 @@
 Tolerances (harness.py): loss relative 1e-6, grad norm relative 2e-6; each gradient within 2e-6 * max|g_ref| +
 1e-8. The measured errors are about 1e-7 relative for the loss and 1e-8..1e-7 absolute for gradients: a
 different summation order only. The grad norm's error depends on the values: tp2 x dp2 FSDP Mamba measured
-1.03e-6 after the issue-13 changes moved the initial weights (1e-6 had no margin for it). Each launch runs many layouts and the three model families.
+1.03e-6 on the tree of the issue-13 merge (1e-6 had no margin). Each launch runs many layouts and the three model families.
 """
 
 import pytest
