@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._common import last_dim_contiguous, new_output, next_pow2
-from .triton_impl import _chunk_docs, _mm, _normalizer_grad_kernel, _precision, _strides3
+from .triton_impl import _chunk_docs, _mm, _precision, _strides3, normalizer_grad
 
 
 @triton.jit
@@ -92,6 +92,62 @@ def _load_chunk(X, b_off, sxt, offs_t, offs_c, mask_t, nc):
 
 
 @triton.jit
+def _load_state(KV, KS, i_bh, offs_f, offs_r, offs_v, F: tl.constexpr, FP: tl.constexpr, DV, BV: tl.constexpr,
+                HAS: tl.constexpr):
+    """One (row x head)'s published state (kv, k_sum) as the pieces (s0, s1, s2, z0, z1, z2), zeros without HAS."""
+    NF = 1 + F + F * F
+    p0, p1, p2, pz1, pz2, m1, m2, mv = _state_ptrs(KV + i_bh.to(tl.int64) * NF * DV, KS + i_bh.to(tl.int64) * NF,
+                                                   offs_f, offs_r, offs_v, F, FP, DV)
+    if HAS:
+        s0 = tl.load(p0, mask=mv, other=0.0)
+        s1 = tl.load(p1, mask=m1[:, None] & mv[None, :], other=0.0)
+        s2 = tl.load(p2, mask=m2[:, None] & mv[None, :], other=0.0)
+        z0 = tl.load(KS + i_bh.to(tl.int64) * NF)
+        z1 = tl.load(pz1, mask=m1, other=0.0)
+        z2 = tl.load(pz2, mask=m2, other=0.0)
+    else:
+        s0 = tl.zeros([BV], dtype=tl.float32)
+        s1 = tl.zeros([FP, BV], dtype=tl.float32)
+        s2 = tl.zeros([FP * FP, BV], dtype=tl.float32)
+        z1 = tl.zeros([FP], dtype=tl.float32)
+        z0 = tl.sum(z1, axis=0)
+        z2 = tl.zeros([FP * FP], dtype=tl.float32)
+    return s0, s1, s2, z0, z1, z2
+
+
+@triton.jit
+def _store_state(KV, KS, i_bh, i_v, s0, s1, s2, z0, z1, z2, offs_f, offs_r, offs_v, F: tl.constexpr,
+                 FP: tl.constexpr, DV):
+    """The pieces back into the published layout; k_sum (the same in every value block) from block 0."""
+    NF = 1 + F + F * F
+    p0, p1, p2, pz1, pz2, m1, m2, mv = _state_ptrs(KV + i_bh.to(tl.int64) * NF * DV, KS + i_bh.to(tl.int64) * NF,
+                                                   offs_f, offs_r, offs_v, F, FP, DV)
+    tl.store(p0, s0, mask=mv)
+    tl.store(p1, s1, mask=m1[:, None] & mv[None, :])
+    tl.store(p2, s2, mask=m2[:, None] & mv[None, :])
+    if i_v == 0:
+        tl.store(KS + i_bh.to(tl.int64) * NF, z0)
+        tl.store(pz1, z1, mask=m1)
+        tl.store(pz2, z2, mask=m2)
+
+
+@triton.jit
+def _accumulate(s0, s1, s2, z0, z1, z2, x1, x2, y, zw, carry, PREC: tl.constexpr):
+    """The state after a chunk: carry * state + phi(x)^T y, and the normalizer rows weighted by zw [BC].
+    x1 [BC, FP], x2 [BC, FP*FP] are the chunk's first- and second-order feature tiles (rows that do not enter
+    the state already zero); y [BC, BV] in the compute dtype. The forward passes (keys, values, zw = 1 on the
+    keys that enter); the reverse pass of the backward (queries, dO / den, zw = the normalizer gradient)."""
+    dt = y.dtype
+    s2 = s2 * carry + _mm(tl.trans(x2.to(dt)), y, PREC)
+    s1 = s1 * carry + _mm(tl.trans(x1.to(dt)), y, PREC)
+    s0 = s0 * carry + tl.sum(y.to(tl.float32), axis=0)
+    z2 = z2 * carry + tl.sum(x2 * zw[:, None], axis=0)
+    z1 = z1 * carry + tl.sum(x1 * zw[:, None], axis=0)
+    z0 = z0 * carry + tl.sum(zw, axis=0)
+    return s0, s1, s2, z0, z1, z2
+
+
+@triton.jit
 def _fused_fwd_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
                       T, H, DV, NC, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                       eps, inv_sqrt_f, c1, c2,
@@ -106,23 +162,8 @@ def _fused_fwd_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
     offs_f = tl.arange(0, FP)
     offs_r = tl.arange(0, FP * FP)
     offs_v = i_v * BV + tl.arange(0, BV)
-    NF = 1 + F + F * F
-    p0, p1, p2, pz1, pz2, m1, m2, mv = _state_ptrs(KV0 + i_bh.to(tl.int64) * NF * DV, KS0 + i_bh.to(tl.int64) * NF,
-                                                   offs_f, offs_r, offs_v, F, FP, DV)
-    if HAS_S0:
-        s0 = tl.load(p0, mask=mv, other=0.0)
-        s1 = tl.load(p1, mask=m1[:, None] & mv[None, :], other=0.0)
-        s2 = tl.load(p2, mask=m2[:, None] & mv[None, :], other=0.0)
-        z0 = tl.load(KS0 + i_bh.to(tl.int64) * NF)
-        z1 = tl.load(pz1, mask=m1, other=0.0)
-        z2 = tl.load(pz2, mask=m2, other=0.0)
-    else:
-        s0 = tl.zeros([BV], dtype=tl.float32)
-        s1 = tl.zeros([FP, BV], dtype=tl.float32)
-        s2 = tl.zeros([FP * FP, BV], dtype=tl.float32)
-        z0 = 0.0
-        z1 = tl.zeros([FP], dtype=tl.float32)
-        z2 = tl.zeros([FP * FP], dtype=tl.float32)
+    mv = offs_v < DV
+    s0, s1, s2, z0, z1, z2 = _load_state(KV0, KS0, i_bh, offs_f, offs_r, offs_v, F, FP, DV, BV, HAS_S0)
     q_off = i_b.to(tl.int64) * sqb + i_h * sqh
     k_off = i_b.to(tl.int64) * skb + i_h * skh
     v_off = i_b.to(tl.int64) * svb + i_h * svh
@@ -157,25 +198,10 @@ def _fused_fwd_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
         writes = mask_t & (doc == doc_last)
         carry = (doc_last == doc_prev).to(tl.float32)
         kf = tl.where(writes[:, None], k.to(tl.float32), 0.0)
-        k1 = kf * c1
-        k2 = _outer(kf, BC, FP, OUTER, SEL_PREC) * c2
-        v_w = tl.where(writes[:, None], v, 0.0)
-        s2 = s2 * carry + _mm(tl.trans(k2.to(dt)), v_w, PREC)
-        s1 = s1 * carry + _mm(tl.trans(k1.to(dt)), v_w, PREC)
-        s0 = s0 * carry + tl.sum(v_w.to(tl.float32), axis=0)
-        z2 = z2 * carry + tl.sum(k2, axis=0)
-        z1 = z1 * carry + tl.sum(k1, axis=0)
-        z0 = z0 * carry + tl.sum(writes.to(tl.float32), axis=0)
+        s0, s1, s2, z0, z1, z2 = _accumulate(s0, s1, s2, z0, z1, z2, kf * c1, _outer(kf, BC, FP, OUTER, SEL_PREC) * c2,
+                                             tl.where(writes[:, None], v, 0.0), writes.to(tl.float32), carry, PREC)
     if STORE_END:
-        e0, e1, e2, ez1, ez2, m1, m2, mv = _state_ptrs(KV1 + i_bh.to(tl.int64) * NF * DV, KS1 + i_bh.to(tl.int64) * NF,
-                                                       offs_f, offs_r, offs_v, F, FP, DV)
-        tl.store(e0, s0, mask=mv)
-        tl.store(e1, s1, mask=m1[:, None] & mv[None, :])
-        tl.store(e2, s2, mask=m2[:, None] & mv[None, :])
-        if i_v == 0:
-            tl.store(KS1 + i_bh.to(tl.int64) * NF, z0)
-            tl.store(ez1, z1, mask=m1)
-            tl.store(ez2, z2, mask=m2)
+        _store_state(KV1, KS1, i_bh, i_v, s0, s1, s2, z0, z1, z2, offs_f, offs_r, offs_v, F, FP, DV)
 
 
 @triton.jit
@@ -388,21 +414,7 @@ def _fused_bwd_dq_kernel(Q, K, V, DOC, DO, DEN, HH, KV0, KS0, DQ,
     offs_f = tl.arange(0, FP)
     offs_r = tl.arange(0, FP * FP)
     offs_v = i_v * BV + tl.arange(0, BV)
-    NF = 1 + F + F * F
-    p0, p1, p2, pz1, pz2, m1, m2, mv = _state_ptrs(KV0 + i_bh.to(tl.int64) * NF * DV, KS0 + i_bh.to(tl.int64) * NF,
-                                                   offs_f, offs_r, offs_v, F, FP, DV)
-    if HAS_S0:
-        s0 = tl.load(p0, mask=mv, other=0.0)
-        s1 = tl.load(p1, mask=m1[:, None] & mv[None, :], other=0.0)
-        s2 = tl.load(p2, mask=m2[:, None] & mv[None, :], other=0.0)
-        z1 = tl.load(pz1, mask=m1, other=0.0)
-        z2 = tl.load(pz2, mask=m2, other=0.0)
-    else:
-        s0 = tl.zeros([BV], dtype=tl.float32)
-        s1 = tl.zeros([FP, BV], dtype=tl.float32)
-        s2 = tl.zeros([FP * FP, BV], dtype=tl.float32)
-        z1 = tl.zeros([FP], dtype=tl.float32)
-        z2 = tl.zeros([FP * FP], dtype=tl.float32)
+    s0, s1, s2, z0, z1, z2 = _load_state(KV0, KS0, i_bh, offs_f, offs_r, offs_v, F, FP, DV, BV, HAS_S0)
     q_off = i_b.to(tl.int64) * sqb + i_h * sqh
     k_off = i_b.to(tl.int64) * skb + i_h * skh
     v_off = i_b.to(tl.int64) * svb + i_h * svh
@@ -431,14 +443,8 @@ def _fused_bwd_dq_kernel(Q, K, V, DOC, DO, DEN, HH, KV0, KS0, DQ,
         writes = mask_t & (doc == doc_last)
         carry = (doc_last == doc_prev).to(tl.float32)
         kf = tl.where(writes[:, None], k.to(tl.float32), 0.0)
-        k1 = kf * c1
-        k2 = _outer(kf, BC, FP, OUTER, SEL_PREC) * c2
-        v_w = tl.where(writes[:, None], v, 0.0)
-        s2 = s2 * carry + _mm(tl.trans(k2.to(dt)), v_w, PREC)
-        s1 = s1 * carry + _mm(tl.trans(k1.to(dt)), v_w, PREC)
-        s0 = s0 * carry + tl.sum(v_w.to(tl.float32), axis=0)
-        z2 = z2 * carry + tl.sum(k2, axis=0)
-        z1 = z1 * carry + tl.sum(k1, axis=0)
+        s0, s1, s2, z0, z1, z2 = _accumulate(s0, s1, s2, z0, z1, z2, kf * c1, _outer(kf, BC, FP, OUTER, SEL_PREC) * c2,
+                                             tl.where(writes[:, None], v, 0.0), writes.to(tl.float32), carry, PREC)
 
 
 @triton.jit
@@ -457,24 +463,11 @@ def _fused_bwd_dkv_kernel(Q, K, V, DOC, DO, DEN, HH, DKV1, DKS1, DKV0, DKS0, DK,
     offs_f = tl.arange(0, FP)
     offs_r = tl.arange(0, FP * FP)
     offs_v = i_v * BV + tl.arange(0, BV)
-    NF = 1 + F + F * F
+    mv = offs_v < DV
+    d0, d1, d2, dz0, dz1, dz2 = _load_state(DKV1, DKS1, i_bh, offs_f, offs_r, offs_v, F, FP, DV, BV, HAS_DS_END)
+    # the normalizer's gradient enters once, through value block 0
     first_block = (i_v == 0).to(tl.float32)
-    p0, p1, p2, pz1, pz2, m1, m2, mv = _state_ptrs(DKV1 + i_bh.to(tl.int64) * NF * DV,
-                                                   DKS1 + i_bh.to(tl.int64) * NF, offs_f, offs_r, offs_v, F, FP, DV)
-    if HAS_DS_END:
-        d0 = tl.load(p0, mask=mv, other=0.0)
-        d1 = tl.load(p1, mask=m1[:, None] & mv[None, :], other=0.0)
-        d2 = tl.load(p2, mask=m2[:, None] & mv[None, :], other=0.0)
-        dz0 = tl.load(DKS1 + i_bh.to(tl.int64) * NF) * first_block
-        dz1 = tl.load(pz1, mask=m1, other=0.0) * first_block
-        dz2 = tl.load(pz2, mask=m2, other=0.0) * first_block
-    else:
-        d0 = tl.zeros([BV], dtype=tl.float32)
-        d1 = tl.zeros([FP, BV], dtype=tl.float32)
-        d2 = tl.zeros([FP * FP, BV], dtype=tl.float32)
-        dz0 = 0.0
-        dz1 = tl.zeros([FP], dtype=tl.float32)
-        dz2 = tl.zeros([FP * FP], dtype=tl.float32)
+    dz0, dz1, dz2 = dz0 * first_block, dz1 * first_block, dz2 * first_block
     q_off = i_b.to(tl.int64) * sqb + i_h * sqh
     k_off = i_b.to(tl.int64) * skb + i_h * skh
     v_off = i_b.to(tl.int64) * svb + i_h * svh
@@ -510,26 +503,12 @@ def _fused_bwd_dkv_kernel(Q, K, V, DOC, DO, DEN, HH, DKV1, DKS1, DKV0, DKS0, DK,
         reads = mask_t & (doc == doc_prev)
         carry = (doc_last == doc_prev).to(tl.float32)
         qf = tl.where(reads[:, None], q.to(tl.float32), 0.0)
-        q1 = qf * c1
-        q2 = _outer(qf, BC, FP, OUTER, SEL_PREC) * c2
-        g_r = tl.where(reads[:, None], g, 0.0).to(dt)
-        h_r = tl.where(reads, hh, 0.0)
-        d2 = d2 * carry + _mm(tl.trans(q2.to(dt)), g_r, PREC)
-        d1 = d1 * carry + _mm(tl.trans(q1.to(dt)), g_r, PREC)
-        d0 = d0 * carry + tl.sum(g_r.to(tl.float32), axis=0)
-        dz2 = dz2 * carry + tl.sum(q2 * h_r[:, None], axis=0)
-        dz1 = dz1 * carry + tl.sum(q1 * h_r[:, None], axis=0)
-        dz0 = dz0 * carry + tl.sum(h_r, axis=0)
+        d0, d1, d2, dz0, dz1, dz2 = _accumulate(d0, d1, d2, dz0, dz1, dz2, qf * c1,
+                                                _outer(qf, BC, FP, OUTER, SEL_PREC) * c2,
+                                                tl.where(reads[:, None], g, 0.0).to(dt), tl.where(reads, hh, 0.0),
+                                                carry, PREC)
     if STORE_DS0:
-        e0, e1, e2, ez1, ez2, m1, m2, mv = _state_ptrs(DKV0 + i_bh.to(tl.int64) * NF * DV,
-                                                       DKS0 + i_bh.to(tl.int64) * NF, offs_f, offs_r, offs_v, F, FP, DV)
-        tl.store(e0, d0, mask=mv)
-        tl.store(e1, d1, mask=m1[:, None] & mv[None, :])
-        tl.store(e2, d2, mask=m2[:, None] & mv[None, :])
-        if i_v == 0:
-            tl.store(DKS0 + i_bh.to(tl.int64) * NF, dz0)
-            tl.store(ez1, dz1, mask=m1)
-            tl.store(ez2, dz2, mask=m2)
+        _store_state(DKV0, DKS0, i_bh, i_v, d0, d1, d2, dz0, dz1, dz2, offs_f, offs_r, offs_v, F, FP, DV)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -615,11 +594,7 @@ def fused_backward(do, q, k, v, docs, o, den, kv0, ks0, d_final, need_d_initial:
     dv_dim = v.shape[-1]
     bh = batch * heads
     do = last_dim_contiguous(do)
-    hh = new_output((batch, heads, seqlen), torch.float32, v.device)
-    block_d = next_pow2(dv_dim)
-    bt_hh = max(1, min(64, 4096 // block_d))
-    _normalizer_grad_kernel[(triton.cdiv(seqlen, bt_hh), bh)](o, do, den, hh, seqlen, heads, dv_dim,
-                                                               *_strides3(o), *_strides3(do), BT=bt_hh, BD=block_d)
+    hh = normalizer_grad(o, do, den)
     dq_part = new_output((plan.NVB, batch, seqlen, heads, f), torch.float32, v.device)
     dk_part = new_output((plan.NVB, batch, seqlen, heads, f), torch.float32, v.device)
     dval = new_output(v.shape, v.dtype, v.device)

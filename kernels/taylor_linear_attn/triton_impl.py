@@ -559,17 +559,25 @@ def forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan: Plan):
     return o, den, (states, zst), final
 
 
+def normalizer_grad(o: torch.Tensor, do: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """-(dO . o) / den per query [B, H, T] (fp32): the gradient that reaches the normalizer (o, dO [B, T, H, Dv],
+    den [B, H, T])."""
+    batch, seqlen, heads, dv_dim = o.shape
+    hh = new_output((batch, heads, seqlen), torch.float32, o.device)
+    block_d = next_pow2(dv_dim)
+    bt_hh = max(1, min(64, 4096 // block_d))
+    _normalizer_grad_kernel[(triton.cdiv(seqlen, bt_hh), batch * heads)](
+        o, do, den, hh, seqlen, heads, dv_dim, *_strides3(o), *_strides3(do), BT=bt_hh, BD=block_d)
+    return hh
+
+
 def backward(do, q, k, v, docs, o, den, states, d_final, need_d_initial: bool, plan: Plan):
     """Returns dq, dk, dv and the gradient of the initial state (or None)."""
     batch, seqlen, heads, f = q.shape
     dv_dim = v.shape[-1]
     bh = batch * heads
     do = last_dim_contiguous(do)
-    hh = new_output((batch, heads, seqlen), torch.float32, v.device)
-    block_d = next_pow2(dv_dim)
-    bt_hh = max(1, min(64, 4096 // block_d))
-    _normalizer_grad_kernel[(triton.cdiv(seqlen, bt_hh), bh)](o, do, den, hh, seqlen, heads, dv_dim,
-                                                               *_strides3(o), *_strides3(do), BT=bt_hh, BD=block_d)
+    hh = normalizer_grad(o, do, den)
     lay = layout(plan.F, plan.BF, str(q.device))
     start = None
     if d_final is not None:
