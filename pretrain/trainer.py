@@ -235,11 +235,16 @@ class Trainer:
         return 0
 
     def _stop_on_signal(self) -> int:
-        """Checkpoint and exit 0; a signal before the first step of this run (during start-up) has nothing
-        new to save: the start (step 0) or the checkpoint it resumed from is where the next run begins."""
+        """Checkpoint and exit 0. Nothing new to save when this step's checkpoint exists (a periodic save just
+        wrote it, or the run resumed from it) or before the first step of a fresh run (start-up)."""
         step = self.state.step
-        if step == 0 or self.checkpointer.folder(step).exists():
-            self.metrics.message(f"signal received before the first step (at step {step}): nothing new to save; exiting")
+        if step == 0:
+            self.metrics.message("signal received before the first step (at step 0): nothing new to save; exiting")
+            return 0
+        folder = self.checkpointer.folder(step)
+        if folder.exists():
+            self.metrics.message(f"signal received: checkpoint {folder} written at step {step} (already there); "
+                                 "exiting")
             return 0
         folder = self.save()
         self.metrics.message(f"signal received: checkpoint {folder} written at step {step}; exiting")
