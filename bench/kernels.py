@@ -18,6 +18,7 @@ FLA peers need fla-core (pip install fla-core==0.6.0); flex_attention needs torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -217,10 +218,41 @@ def bench_short_conv(ceil, rows: list) -> None:
         u = torch.randn(batch, seqlen, 2 * channels, device="cuda", dtype=torch.bfloat16).requires_grad_()
         w = torch.randn(channels, 3, device="cuda").requires_grad_()
         row["ours"] = try_time("ours", lambda u, w: short_conv_gated(*u.chunk(2, -1), w), [u, w])
+        with _conv_backward(use_k3=False):  # the general (any K, initial state) backward, for comparison
+            row["ours_general_bwd"] = try_time("ours general", lambda u, w: short_conv_gated(*u.chunk(2, -1), w),
+                                               [u, w])
         row["torch_eager"] = try_time(
             "torch", lambda u, w: short_conv_gated_reference(*u.chunk(2, -1), w), [u, w]
         )
         _report(row, rows)
+        if CONV_TILE_SWEEP[0]:
+            for block_t, block_c, warps in CONV_K3_TILES:
+                with _conv_backward(block_t=block_t, block_c=block_c, warps=warps):
+                    t = try_time("k3 tile", lambda u, w: short_conv_gated(*u.chunk(2, -1), w), [u, w])
+                print(f"  sweep conv {name} K3 backward BT{block_t} BC{block_c} warps {warps}: {_fmt(t)}", flush=True)
+
+
+# (block_t, block_c, warps) of the kernel-size-3 backward timed by --sweep (with "conv" in --only)
+CONV_K3_TILES = ((32, 128, 8), (32, 128, 4), (16, 128, 4), (64, 64, 8), (64, 128, 8), (16, 256, 8))
+CONV_TILE_SWEEP = [False]
+
+
+@contextlib.contextmanager
+def _conv_backward(use_k3: bool = True, block_t: int | None = None, block_c: int | None = None,
+                   warps: int | None = None):
+    """Run the short-conv backward with another kernel or tile for the duration of the block."""
+    from kernels.short_conv import triton_impl
+
+    names = ("USE_K3", "K3_BLOCK_T", "K3_BLOCK_C", "K3_WARPS")
+    saved = [getattr(triton_impl, n) for n in names]
+    for name, value in zip(names, (use_k3, block_t, block_c, warps), strict=True):
+        if value is not None:
+            setattr(triton_impl, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved, strict=True):
+            setattr(triton_impl, name, value)
 
 
 def bench_decode(ceil, rows: list) -> None:
@@ -285,7 +317,8 @@ def _import_fla():
     return fla
 
 
-PEER_COLUMNS = ("fla_fused_chunk", "fla_parallel", "fla_parallel_attn", "flex", "sdpa_causal", "torch_eager")
+PEER_COLUMNS = ("fla_fused_chunk", "fla_parallel", "fla_parallel_attn", "flex", "sdpa_causal", "torch_eager",
+                "ours_general_bwd")
 
 
 def _fmt(pair) -> str:
@@ -458,6 +491,7 @@ def main() -> None:
         global SEQLENS
         SEQLENS = tuple(int(t) for t in args.seqlens.split(","))
     sections = set(args.only.split(","))
+    CONV_TILE_SWEEP[0] = args.sweep
     found = sweep(sections) if args.sweep else None
     if found is not None:
         found["code"] = print_tiles(found, device)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from based_layers.config import AttentionConfig
 from based_layers.packing import positions_in_doc
-from based_layers.rotary import apply_rotary, rotary_dim_for
+from based_layers.rotary import Rotary, rotary_dim_for
 
 
 class CausalSelfAttention(nn.Module):
@@ -21,15 +21,14 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = d_model // cfg.num_heads
         self.rotary_dim = rotary_dim_for(self.head_dim, cfg.rotary_fraction)
         self.rope_base = cfg.rope_base
+        self.rope = Rotary(self.rotary_dim, self.rope_base)
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, in_sequence: bool = False):
         batch, seqlen, _ = x.shape
         q, k, v = self.Wqkv(x).view(batch, seqlen, 3, -1, self.head_dim).unbind(2)
-        q = apply_rotary(q, positions, self.rotary_dim, self.rope_base)
-        k = apply_rotary(k, positions, self.rotary_dim, self.rope_base)
-        return q, k, v
+        return self.rope(q, positions, in_sequence), self.rope(k, positions, in_sequence), v
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, initial_state: dict | None = None,
                 return_state: bool = False):
@@ -39,7 +38,7 @@ class CausalSelfAttention(nn.Module):
                              "prefill from an empty state, then call step() per token")
         batch, seqlen, _ = x.shape
         positions = positions_in_doc(doc_ids, batch, seqlen, x.device)
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, in_sequence=True)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         if doc_ids is None:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from based_layers.config import SlidingWindowConfig, resolve_backend, use_fused_step
 from based_layers.packing import positions_in_doc
-from based_layers.rotary import apply_rotary, rotary_dim_for
+from based_layers.rotary import Rotary, rotary_dim_for
 
 
 class SlidingWindowAttention(nn.Module):
@@ -21,17 +21,16 @@ class SlidingWindowAttention(nn.Module):
         self.window = cfg.window
         self.rotary_dim = rotary_dim_for(self.head_dim, cfg.rotary_fraction)
         self.rope_base = cfg.rope_base
+        self.rope = Rotary(self.rotary_dim, self.rope_base)
         self.backend = cfg.backend
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, in_sequence: bool = False):
         """x [B, T, D] -> rotated q, k and v, each [B, T, H, Dh]."""
         batch, seqlen, _ = x.shape
         q, k, v = self.Wqkv(x).view(batch, seqlen, 3, -1, self.head_dim).unbind(2)
-        q = apply_rotary(q, positions, self.rotary_dim, self.rope_base)
-        k = apply_rotary(k, positions, self.rotary_dim, self.rope_base)
-        return q, k, v
+        return self.rope(q, positions, in_sequence), self.rope(k, positions, in_sequence), v
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, initial_state: dict | None = None,
                 return_state: bool = False):
@@ -43,7 +42,7 @@ class SlidingWindowAttention(nn.Module):
 
         batch, seqlen, _ = x.shape
         positions = positions_in_doc(doc_ids, batch, seqlen, x.device)
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, in_sequence=True)
         o = sliding_window_attention(q, k, v, window=self.window, doc_ids=doc_ids,
                                      backend=resolve_backend(self.backend, x))
         y = self.out_proj(o.reshape(batch, seqlen, -1))

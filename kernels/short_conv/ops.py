@@ -17,11 +17,7 @@ from torch import Tensor
 def _prepare(u1: Tensor, u2: Tensor, weight: Tensor, doc_ids: Tensor | None):
     # kernels take any strides but the last (the two halves of an in_proj output are read in place)
     u1, u2, weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (u1, u2, weight))
-    if doc_ids is None:
-        docs = torch.zeros(u1.shape[:2], dtype=torch.int32, device=u1.device)
-    else:
-        docs = doc_ids.contiguous()
-    return u1, u2, weight, docs
+    return u1, u2, weight, None if doc_ids is None else doc_ids.contiguous()
 
 
 @torch.library.custom_op("based::short_conv_gated_fwd", mutates_args=())

@@ -137,6 +137,101 @@ def _step_kernel(U1, U2, W, STATE, Y, C, s1b, s2b, syb, swc, swk, ssb, ssc, ssk,
     tl.store(state_ptr + offs_k[None, :] * ssk, hist, mask=mask_c[:, None] & (offs_k[None, :] < KS))
 
 
+@triton.jit
+def _row(P, i_b, rows, mask_rows, s_b, s_t, offs_c, mask_c):
+    """Tile [BT, BC] of P at `rows` (zero outside `mask_rows` and the channels), in fp32."""
+    return tl.load(P + i_b.to(tl.int64) * s_b + rows[:, None] * s_t + offs_c[None, :],
+                   mask=mask_rows[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _same(DOC, i_b, rows, doc_rows, T, shift, HAS_DOC: tl.constexpr):
+    """[BT, 1] fp32: 1 where row + shift exists and is in the document of row (always 1 without documents)."""
+    other = rows + shift
+    ok = (other >= 0) & (other < T)
+    if HAS_DOC:
+        ok = ok & (tl.load(DOC + i_b.to(tl.int64) * T + other, mask=ok, other=-1) == doc_rows)
+    return ok.to(tl.float32)[:, None]
+
+
+@triton.jit
+def _dconv(conv, dy, u2):
+    """d(silu(conv) * u2)/dconv * dy, and silu's sigmoid."""
+    sig = tl.sigmoid(conv)
+    return dy * u2 * sig * (1.0 + conv * (1.0 - sig)), sig
+
+
+@triton.jit
+def _bwd_k3_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
+                   s1b, s1t, s2b, s2t, sdyb, sdyt, sd1b, sd1t, sd2b, sd2t, swc, swk,
+                   BT: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """The backward of kernel size 3 without an initial state, each input row read once per program.
+
+    `_bwd_kernel` recomputes the conv of every output row that an input row feeds (K^2 tap loads and K
+    sigmoids per element, each with its own document masks): instruction-bound at about 38% of the copy
+    bandwidth on the H200. Here the five u1 rows t-2 .. t+2 are loaded once, the three convs t, t+1, t+2 are
+    formed from them in registers, and each document test is one [BT] vector per shift.
+    Tap j multiplies u1[t - (2 - j)]: w2 the current token, w0 the token two back.
+    """
+    i_t = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    rows = i_t * BT + tl.arange(0, BT)
+    offs_c = i_c * BC + tl.arange(0, BC)
+    mask_c = offs_c < C
+    mask_t = rows < T
+    doc_rows = rows  # unused without documents
+    if HAS_DOC:
+        doc_rows = tl.load(DOC + i_b.to(tl.int64) * T + rows, mask=mask_t, other=0)
+    w0 = tl.load(W + offs_c * swc, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.load(W + offs_c * swc + swk, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(W + offs_c * swc + 2 * swk, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    # output row t: its taps u1[t-2], u1[t-1] (masked to its document) and u1[t]
+    back2 = _row(U1, i_b, rows - 2, (rows >= 2) & mask_t, s1b, s1t, offs_c, mask_c) \
+        * _same(DOC, i_b, rows, doc_rows, T, -2, HAS_DOC)
+    e_m1 = _same(DOC, i_b, rows, doc_rows, T, -1, HAS_DOC)
+    x_m1 = _row(U1, i_b, rows - 1, (rows >= 1) & mask_t, s1b, s1t, offs_c, mask_c)
+    x_0 = _row(U1, i_b, rows, mask_t, s1b, s1t, offs_c, mask_c)
+    back1 = x_m1 * e_m1
+    conv = back2 * w0 + back1 * w1 + x_0 * w2
+    dy = _row(DY, i_b, rows, mask_t, sdyb, sdyt, offs_c, mask_c)
+    d0, sig = _dconv(conv, dy, _row(U2, i_b, rows, mask_t, s2b, s2t, offs_c, mask_c))
+    mask = mask_t[:, None] & mask_c[None, :]
+    tl.store(DU2 + i_b.to(tl.int64) * sd2b + rows[:, None] * sd2t + offs_c[None, :],
+             (dy * conv * sig).to(DU2.dtype.element_ty), mask=mask)
+    part = DW_PART + ((i_b * tl.num_programs(0) + i_t) * 3).to(tl.int64) * C
+    tl.store(part + offs_c, tl.sum(d0 * back2, axis=0), mask=mask_c)
+    tl.store(part + C + offs_c, tl.sum(d0 * back1, axis=0), mask=mask_c)
+    tl.store(part + 2 * C + offs_c, tl.sum(d0 * x_0, axis=0), mask=mask_c)
+    du1 = d0 * w2
+    # output row t+1 (reads u1[t-1], u1[t], u1[t+1] within the document of row t+1)
+    rows1 = rows + 1
+    mask1 = rows1 < T
+    doc1 = rows1
+    if HAS_DOC:
+        doc1 = tl.load(DOC + i_b.to(tl.int64) * T + rows1, mask=mask1, other=0)
+    e10 = _same(DOC, i_b, rows1, doc1, T, -1, HAS_DOC)  # row t in the document of row t+1
+    x_p1 = _row(U1, i_b, rows1, mask1, s1b, s1t, offs_c, mask_c)
+    conv = x_m1 * _same(DOC, i_b, rows1, doc1, T, -2, HAS_DOC) * w0 + x_0 * e10 * w1 + x_p1 * w2
+    d1, _ = _dconv(conv, _row(DY, i_b, rows1, mask1, sdyb, sdyt, offs_c, mask_c),
+                   _row(U2, i_b, rows1, mask1, s2b, s2t, offs_c, mask_c))
+    du1 += d1 * e10 * w1
+    # output row t+2 (reads u1[t], u1[t+1], u1[t+2])
+    rows2 = rows + 2
+    mask2 = rows2 < T
+    doc2 = rows2
+    if HAS_DOC:
+        doc2 = tl.load(DOC + i_b.to(tl.int64) * T + rows2, mask=mask2, other=0)
+    e20 = _same(DOC, i_b, rows2, doc2, T, -2, HAS_DOC)  # row t in the document of row t+2
+    x_p2 = _row(U1, i_b, rows2, mask2, s1b, s1t, offs_c, mask_c)
+    conv = x_0 * e20 * w0 + x_p1 * _same(DOC, i_b, rows2, doc2, T, -1, HAS_DOC) * w1 + x_p2 * w2
+    d2, _ = _dconv(conv, _row(DY, i_b, rows2, mask2, sdyb, sdyt, offs_c, mask_c),
+                   _row(U2, i_b, rows2, mask2, s2b, s2t, offs_c, mask_c))
+    du1 += d2 * e20 * w0
+    tl.store(DU1 + i_b.to(tl.int64) * sd1b + rows[:, None] * sd1t + offs_c[None, :], du1.to(DU1.dtype.element_ty),
+             mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # host side
 
@@ -148,10 +243,17 @@ def _init_strides(init: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if init is None else (init.stride(0), init.stride(1), init.stride(2))
 
 
+def _docs(docs: torch.Tensor | None, u1: torch.Tensor) -> torch.Tensor:
+    """The document ids the general kernels read (one document per row when None)."""
+    return docs if docs is not None else torch.zeros(u1.shape[:2], dtype=torch.int32, device=u1.device)
+
+
 def forward(u1, u2, weight, docs, init):
-    """y [B, T, C] = silu(conv(u1)) * u2 (inputs' last dims contiguous; docs [B, T]; init [B, C, K-1] or None)."""
+    """y [B, T, C] = silu(conv(u1)) * u2 (inputs' last dims contiguous; docs [B, T] or None; init [B, C, K-1]
+    or None)."""
     batch, seqlen, channels = u1.shape
     ks = weight.shape[1]
+    docs = _docs(docs, u1)
     y = new_output(u1.shape, u1.dtype, u1.device)
     grid = (triton.cdiv(seqlen, BLOCK_T), triton.cdiv(channels, BLOCK_C), batch)
     _fwd_kernel[grid](u1, u2, weight, docs, init if init is not None else u1, y, seqlen, channels,
@@ -161,6 +263,14 @@ def forward(u1, u2, weight, docs, init):
     return y
 
 
+# tiles of the kernel-size-3 backward (bench/kernels.py --only conv times them)
+K3_BLOCK_T = 32
+K3_BLOCK_C = 128
+K3_WARPS = 8
+# False: every backward runs the general kernel (bench/kernels.py times both)
+USE_K3 = True
+
+
 def backward(dy, u1, u2, weight, docs, init):
     """du1, du2 [B, T, C] and dweight [C, K] (contiguous) of `forward`."""
     batch, seqlen, channels = u1.shape
@@ -168,14 +278,22 @@ def backward(dy, u1, u2, weight, docs, init):
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     du1 = new_output(u1.shape, u1.dtype, u1.device)
     du2 = new_output(u2.shape, u2.dtype, u2.device)
-    n_t = triton.cdiv(seqlen, BLOCK_T)
+    k3 = USE_K3 and ks == 3 and init is None
+    block_t = K3_BLOCK_T if k3 else BLOCK_T
+    block_c = K3_BLOCK_C if k3 else BLOCK_C
+    n_t = triton.cdiv(seqlen, block_t)
     dw_part = new_output((batch * n_t, ks, channels), torch.float32, u1.device)
-    grid = (n_t, triton.cdiv(channels, BLOCK_C), batch)
-    _bwd_kernel[grid](u1, u2, weight, docs, init if init is not None else u1, dy, du1, du2, dw_part,
-                      seqlen, channels, u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1),
-                      dy.stride(0), dy.stride(1), du1.stride(0), du1.stride(1), du2.stride(0), du2.stride(1),
-                      weight.stride(0), weight.stride(1), *_init_strides(init),
-                      KS=ks, BT=BLOCK_T, BC=BLOCK_C, HAS_INIT=init is not None, num_warps=4)
+    grid = (n_t, triton.cdiv(channels, block_c), batch)
+    strides = (u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1), dy.stride(0), dy.stride(1),
+               du1.stride(0), du1.stride(1), du2.stride(0), du2.stride(1), weight.stride(0), weight.stride(1))
+    if k3:
+        _bwd_k3_kernel[grid](u1, u2, weight, docs if docs is not None else u1, dy, du1, du2, dw_part,
+                             seqlen, channels, *strides, BT=block_t, BC=block_c, HAS_DOC=docs is not None,
+                             num_warps=K3_WARPS)
+    else:
+        _bwd_kernel[grid](u1, u2, weight, _docs(docs, u1), init if init is not None else u1, dy, du1, du2,
+                          dw_part, seqlen, channels, *strides, *_init_strides(init),
+                          KS=ks, BT=block_t, BC=block_c, HAS_INIT=init is not None, num_warps=4)
     dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
     return du1, du2, dw
 
