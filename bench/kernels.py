@@ -226,26 +226,29 @@ def bench_short_conv(ceil, rows: list) -> None:
         )
         _report(row, rows)
         if CONV_TILE_SWEEP[0]:
-            for block_t, block_c, warps in CONV_K3_TILES:
-                with _conv_backward(block_t=block_t, block_c=block_c, warps=warps):
+            for block_t, block_c, warps, channels_first in CONV_K3_TILES:
+                with _conv_backward(block_t=block_t, block_c=block_c, warps=warps, channels_first=channels_first):
                     t = try_time("k3 tile", lambda u, w: short_conv_gated(*u.chunk(2, -1), w), [u, w])
-                print(f"  sweep conv {name} K3 backward BT{block_t} BC{block_c} warps {warps}: {_fmt(t)}", flush=True)
+                print(f"  sweep conv {name} K3 backward BT{block_t} BC{block_c} warps {warps} "
+                      f"channels_first {channels_first}: {_fmt(t)}", flush=True)
 
 
-# (block_t, block_c, warps) of the kernel-size-3 backward timed by --sweep (with "conv" in --only)
-CONV_K3_TILES = ((32, 128, 8), (32, 128, 4), (16, 128, 4), (64, 64, 8), (64, 128, 8), (16, 256, 8))
+# (block_t, block_c, warps, channels_first) of the kernel-size-3 backward timed by --sweep ("conv" in --only)
+CONV_K3_TILES = ((64, 64, 8, False), (64, 64, 8, True), (64, 64, 4, False), (128, 64, 8, False),
+                 (128, 32, 8, False), (64, 32, 4, False), (32, 64, 4, False), (128, 64, 8, True),
+                 (32, 128, 8, True))
 CONV_TILE_SWEEP = [False]
 
 
 @contextlib.contextmanager
 def _conv_backward(use_k3: bool = True, block_t: int | None = None, block_c: int | None = None,
-                   warps: int | None = None):
+                   warps: int | None = None, channels_first: bool | None = None):
     """Run the short-conv backward with another kernel or tile for the duration of the block."""
     from kernels.short_conv import triton_impl
 
-    names = ("USE_K3", "K3_BLOCK_T", "K3_BLOCK_C", "K3_WARPS")
+    names = ("USE_K3", "K3_BLOCK_T", "K3_BLOCK_C", "K3_WARPS", "K3_CHANNELS_FIRST")
     saved = [getattr(triton_impl, n) for n in names]
-    for name, value in zip(names, (use_k3, block_t, block_c, warps), strict=True):
+    for name, value in zip(names, (use_k3, block_t, block_c, warps, channels_first), strict=True):
         if value is not None:
             setattr(triton_impl, name, value)
     try:

@@ -34,7 +34,13 @@ LINEAR_ATTN_TILES: dict[str, dict[tuple[int, int], dict]] = {
 
 SLIDING_WINDOW_TILES: dict[str, dict[tuple[int, int], dict]] = {
     "H100": {},
-    "H200": {},
+    # bench/kernels.py --sweep --sweep-only --only swa on one H200, torch 2.11.0+cu130, 2026-12-01, tree 574a438
+    # (f+b ms, B 16 x T 2048: W128 D64 0.918 against the default's 1.193; W64 D128 0.909 against 1.262); the
+    # published 1.3B shape (128, 112) and (64, 112), (128, 128) keep the defaults (none of the candidates beat them)
+    "H200": {
+        (64, 128): {"block_m": 64, "block_n": 32},
+        (128, 64): {"block_m": 64, "block_n": 32},
+    },
     "default": {},
 }
 

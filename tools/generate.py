@@ -142,7 +142,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
         produced = 0
         for t in range(max_new_tokens):
             if kept is not None:
-                kept.append(last)
+                # a copy: with CUDA graphs `last` may be a view of the graph's static output, which the next
+                # replay overwrites (fp32 logits are not upcast, so no new tensor is made on the way)
+                kept.append(last.clone())
             token = sampling.pick(last, generator)
             if eos_id is not None and stop_at_eos:
                 token = torch.where(finished, torch.full_like(token, pad_id), token)

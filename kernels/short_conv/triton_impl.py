@@ -163,18 +163,23 @@ def _dconv(conv, dy, u2):
 
 @triton.jit
 def _bwd_k3_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
-                   s1b, s1t, s2b, s2t, sdyb, sdyt, sd1b, sd1t, sd2b, sd2t, swc, swk,
-                   BT: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr):
+                   s1b, s1t, s2b, s2t, sdyb, sdyt, sd1b, sd1t, sd2b, sd2t, swc, swk, N_T,
+                   BT: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr, CHANNELS_FIRST: tl.constexpr):
     """The backward of kernel size 3 without an initial state, each input row read once per program.
 
     `_bwd_kernel` recomputes the conv of every output row that an input row feeds (K^2 tap loads and K
     sigmoids per element, each with its own document masks): instruction-bound at about 38% of the copy
     bandwidth on the H200. Here the five u1 rows t-2 .. t+2 are loaded once, the three convs t, t+1, t+2 are
     formed from them in registers, and each document test is one [BT] vector per shift.
-    Tap j multiplies u1[t - (2 - j)]: w2 the current token, w0 the token two back.
+    Tap j multiplies u1[t - (2 - j)]: w2 the current token, w0 the token two back. CHANNELS_FIRST: the grid's
+    first axis walks the channel blocks (programs that run together read whole rows), else the row tiles.
     """
-    i_t = tl.program_id(0)
-    i_c = tl.program_id(1)
+    if CHANNELS_FIRST:
+        i_c = tl.program_id(0)
+        i_t = tl.program_id(1)
+    else:
+        i_t = tl.program_id(0)
+        i_c = tl.program_id(1)
     i_b = tl.program_id(2)
     rows = i_t * BT + tl.arange(0, BT)
     offs_c = i_c * BC + tl.arange(0, BC)
@@ -199,7 +204,7 @@ def _bwd_k3_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
     mask = mask_t[:, None] & mask_c[None, :]
     tl.store(DU2 + i_b.to(tl.int64) * sd2b + rows[:, None] * sd2t + offs_c[None, :],
              (dy * conv * sig).to(DU2.dtype.element_ty), mask=mask)
-    part = DW_PART + ((i_b * tl.num_programs(0) + i_t) * 3).to(tl.int64) * C
+    part = DW_PART + ((i_b * N_T + i_t) * 3).to(tl.int64) * C
     tl.store(part + offs_c, tl.sum(d0 * back2, axis=0), mask=mask_c)
     tl.store(part + C + offs_c, tl.sum(d0 * back1, axis=0), mask=mask_c)
     tl.store(part + 2 * C + offs_c, tl.sum(d0 * x_0, axis=0), mask=mask_c)
@@ -263,10 +268,12 @@ def forward(u1, u2, weight, docs, init):
     return y
 
 
-# tiles of the kernel-size-3 backward (bench/kernels.py --only conv times them)
-K3_BLOCK_T = 32
-K3_BLOCK_C = 128
+# tiles of the kernel-size-3 backward: the best of bench/kernels.py --sweep --only conv on the H200 (1.3B shape,
+# C 3584: f+b 1.330 ms against 1.676 at 32 x 128; docs/PERFORMANCE.md)
+K3_BLOCK_T = 64
+K3_BLOCK_C = 64
 K3_WARPS = 8
+K3_CHANNELS_FIRST = False
 # False: every backward runs the general kernel (bench/kernels.py times both)
 USE_K3 = True
 
@@ -283,13 +290,15 @@ def backward(dy, u1, u2, weight, docs, init):
     block_c = K3_BLOCK_C if k3 else BLOCK_C
     n_t = triton.cdiv(seqlen, block_t)
     dw_part = new_output((batch * n_t, ks, channels), torch.float32, u1.device)
-    grid = (n_t, triton.cdiv(channels, block_c), batch)
+    n_c = triton.cdiv(channels, block_c)
+    channels_first = k3 and K3_CHANNELS_FIRST
+    grid = (n_c, n_t, batch) if channels_first else (n_t, n_c, batch)
     strides = (u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1), dy.stride(0), dy.stride(1),
                du1.stride(0), du1.stride(1), du2.stride(0), du2.stride(1), weight.stride(0), weight.stride(1))
     if k3:
         _bwd_k3_kernel[grid](u1, u2, weight, docs if docs is not None else u1, dy, du1, du2, dw_part,
-                             seqlen, channels, *strides, BT=block_t, BC=block_c, HAS_DOC=docs is not None,
-                             num_warps=K3_WARPS)
+                             seqlen, channels, *strides, n_t, BT=block_t, BC=block_c, HAS_DOC=docs is not None,
+                             CHANNELS_FIRST=channels_first, num_warps=K3_WARPS)
     else:
         _bwd_kernel[grid](u1, u2, weight, _docs(docs, u1), init if init is not None else u1, dy, du1, du2,
                           dw_part, seqlen, channels, *strides, *_init_strides(init),

@@ -45,3 +45,22 @@ def test_decode_steps_match_parallel(backend):
         y = short_conv_gated_step(u1[:, i], u2[:, i], w, state, backend=backend)
         assert_close(f"step {i}", y, full[:, i], torch.float32)
     assert torch.equal(state, u1[:, -ks:].transpose(1, 2))
+
+
+@pytest.mark.parametrize("channels_first", [False, True], ids=["rows-first", "channels-first"])
+@pytest.mark.parametrize("tile", [(64, 64, 8), (16, 32, 4)], ids=["BT64-BC64", "BT16-BC32"])
+def test_kernel_size_3_backward_tiles_and_grid_orders(tile, channels_first, monkeypatch):
+    """The kernel-size-3 backward at other tiles and with the channel-first grid (bench/kernels.py sweeps them):
+    the same gradients as the float64 reference, packed documents and tile-crossing lengths included."""
+    from kernels.short_conv import triton_impl
+
+    for name, value in zip(("K3_BLOCK_T", "K3_BLOCK_C", "K3_WARPS"), tile, strict=True):
+        monkeypatch.setattr(triton_impl, name, value)
+    monkeypatch.setattr(triton_impl, "K3_CHANNELS_FIRST", channels_first)
+    b, t, c = 2, 37, 70
+    doc_ids = packed_doc_ids(b, t, [5, 1, 30])
+    (u,), (u64,) = leaves([torch.randn(b, t, 2 * c, device=DEVICE)], torch.float32)
+    (w,), (w64,) = leaves([torch.randn(c, 3, device=DEVICE)], torch.float32)
+    y = short_conv_gated(*u.chunk(2, -1), w, doc_ids=doc_ids, backend="triton")
+    y_ref = short_conv_gated_reference(*u64.chunk(2, -1), w64, doc_ids=doc_ids)
+    check_output_and_grads(y, y_ref, (u, w), (u64, w64), torch.float32, ["du", "dw"])
