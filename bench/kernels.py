@@ -234,9 +234,8 @@ def bench_short_conv(ceil, rows: list) -> None:
 
 
 # (block_t, block_c, warps, channels_first) of the kernel-size-3 backward timed by --sweep ("conv" in --only)
-CONV_K3_TILES = ((64, 64, 8, False), (64, 64, 8, True), (64, 64, 4, False), (128, 64, 8, False),
-                 (128, 32, 8, False), (64, 32, 4, False), (32, 64, 4, False), (128, 64, 8, True),
-                 (32, 128, 8, True))
+CONV_K3_TILES = ((64, 32, 4, False), (64, 32, 4, True), (64, 64, 8, False), (128, 32, 8, False),
+                 (32, 64, 4, False), (64, 16, 2, False), (128, 16, 4, False), (32, 32, 2, False))
 CONV_TILE_SWEEP = [False]
 
 

@@ -268,11 +268,11 @@ def forward(u1, u2, weight, docs, init):
     return y
 
 
-# tiles of the kernel-size-3 backward: the best of bench/kernels.py --sweep --only conv on the H200 (1.3B shape,
-# C 3584: f+b 1.330 ms against 1.676 at 32 x 128; docs/PERFORMANCE.md)
+# tiles of the kernel-size-3 backward: the best of two bench/kernels.py --sweep --only conv runs on the H200
+# (1.3B shape, C 3584, B 16 x T 2048: f+b 1.151 ms against 1.676 at 32 x 128 / 8 warps; docs/PERFORMANCE.md)
 K3_BLOCK_T = 64
-K3_BLOCK_C = 64
-K3_WARPS = 8
+K3_BLOCK_C = 32
+K3_WARPS = 4
 K3_CHANNELS_FIRST = False
 # False: every backward runs the general kernel (bench/kernels.py times both)
 USE_K3 = True
