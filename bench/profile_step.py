@@ -47,7 +47,7 @@ _RULES = [
     ("norms/reductions", r"rms_norm|layer_norm|RMSNorm|LayerNorm"),
     (
         "mixer kernels",
-        r"^_(fwd|bwd|bwd_dq|bwd_dkv|bwd_dkdv|state_pass|normalizer_grad|delta|step)_kernel\b|"
+        r"^_(fwd|bwd|bwd_k3|bwd_dq|bwd_dkv|bwd_dkdv|state_pass|normalizer_grad|delta|step)_kernel\b|"
         r"flash|fmha|attention|sdpa|selective_scan|causal_conv1d|chunk_scan|ssd_",
     ),
     ("matrix products", r"gemm|nvjet|cutlass|xmma|cublas|matmul|splitKreduce|_mm_|wgmma|sm90_|sm80_"),

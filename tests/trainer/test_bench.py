@@ -98,6 +98,7 @@ KERNELS = {
     "(anonymous namespace)::LpNormFunctor<float, 2, float, float>, float*, int>": "optimizer",
     "_fwd_kernel": "mixer kernels",
     "_bwd_dkdv_kernel": "mixer kernels",
+    "_bwd_k3_kernel": "mixer kernels",
     "_state_pass_kernel": "mixer kernels",
     "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>": "mixer kernels",
     "_rms_norm_fwd_kernel": "norms/reductions",
