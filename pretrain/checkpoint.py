@@ -96,7 +96,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's state tensors (a step with zero grads at lr 0 changes no weight) so DCP can load into them."""
+    """Create AdamW's state tensors of an optimizer that has not stepped yet, as its first step would find them.
+
+    DCP saves and loads into existing state tensors (its own helper creates them with a real step at lr 0, which
+    leaves AdamW's step count at 1: a checkpoint written before the first update would then resume with its bias
+    correction one step ahead, and saving would shift the live run the same way). Here the step at lr 0 (no
+    weight changes) creates exp_avg and exp_avg_sq at zero and the step count is put back to 0, which is exactly
+    the state AdamW builds lazily at its first step. An optimizer with state is left alone.
+    """
+    if optimizer.state:
+        return
     saved_lrs = [g["lr"] for g in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = 0.0
@@ -107,6 +116,12 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     for group, lr in zip(optimizer.param_groups, saved_lrs, strict=True):
         group["lr"] = lr
+    for per_param in optimizer.state.values():
+        step = per_param.get("step")
+        if isinstance(step, torch.Tensor):
+            step.zero_()
+        elif step is not None:
+            per_param["step"] = 0
 
 
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "transformer.embeddings.word_embeddings.weight"
@@ -190,6 +205,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
+        _init_optimizer_state(optimizer)  # before any update: the state of a fresh AdamW, step count 0
         state = {"model": get_model_state_dict(model), "optim": _optim_state(model, optimizer)[0]}
         state = checkpoint_view(model, state)
         (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(rng_state()))

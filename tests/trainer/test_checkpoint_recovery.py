@@ -236,3 +236,34 @@ def test_consecutive_skips_are_bounded(tiny_data, tmp_path):
     # skips that are not consecutive never reach the limit
     assert fit(tiny_data, tmp_path / "b", 8, "nonfinite_skip_limit=2", "debug.nan_loss_at_steps=[1,2,4,5]",
                "checkpoint.interval=0") == 0
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in rows(run) if r.get("train/loss") is not None}
+
+
+def test_checkpoint_before_the_first_update_resumes_exactly(tiny_data, tmp_path):
+    """A non-finite first step under nonfinite_policy=stop saves the state before any update (step 0); resumed
+    from it, the run gives the fresh run's losses bit for bit (AdamW's step count starts at 0, not 1)."""
+    from pretrain.trainer import NonFiniteError
+
+    fresh, run = tmp_path / "fresh", tmp_path / "run"
+    assert fit(tiny_data, fresh, 6, "checkpoint.interval=0", "deterministic=true") == 0
+    with pytest.raises(NonFiniteError, match="step_00000000"):
+        fit(tiny_data, run, 6, "checkpoint.interval=0", "deterministic=true", "nonfinite_policy=stop",
+            "debug.nan_loss_at_steps=[0]")
+    assert fit(tiny_data, run, 6, "checkpoint.interval=0", "deterministic=true") == 0
+    assert _losses(run) == _losses(fresh)
+
+
+def test_saving_before_the_first_update_changes_nothing(tiny_data, tmp_path):
+    """Steps 0 and 1 skipped (non-finite), a checkpoint at step 2 before any update: the run goes on as the run
+    that saved nothing, and a resume from that checkpoint gives the same losses."""
+    skip = ("deterministic=true", "debug.nan_loss_at_steps=[0,1]")
+    plain, saving, resumed = tmp_path / "plain", tmp_path / "saving", tmp_path / "resumed"
+    assert fit(tiny_data, plain, 6, "checkpoint.interval=0", *skip) == 0
+    assert fit(tiny_data, saving, 6, "checkpoint.interval=2", *skip) == 0
+    assert _losses(saving) == _losses(plain) and sorted(_losses(plain)) == [3, 4, 5, 6]
+    ckpt = saving / "checkpoints" / "step_00000002"
+    assert fit(tiny_data, resumed, 6, "checkpoint.interval=0", f"checkpoint.resume={ckpt}", *skip) == 0
+    assert _losses(resumed) == _losses(plain)
