@@ -146,3 +146,28 @@ def test_quick_args():
     assert args.batches == [1, 16] and args.contexts == [1024, 16384] and args.steps == 32
     with pytest.raises(SystemExit):
         bench.parse_args(["--models", "rwkv"])
+
+
+def test_divergences_compare_the_first_differing_step_only():
+    """The graph check's near-tie test: a row's first differing token is a near-tie when eager's top-2 margin
+    there is below twice the paths' usual logit difference (over the steps both saw the same tokens)."""
+    eager_logits = torch.zeros(3, 4, 5)
+    fast_logits = eager_logits.clone()
+    fast_logits[2, :, 4] = 0.02  # the usual difference, on a row that never differs
+    eager_logits[0, 1, :2] = torch.tensor([1.00, 0.99])  # margin 0.01 < 2 x 0.02
+    fast_logits[0, 1, :2] = torch.tensor([0.99, 1.00])  # a near-tie flipped
+    eager_logits[1, 2, :2] = torch.tensor([3.0, 1.0])  # margin 2: no usual error flips that
+    fast_logits[1, 2, :2] = torch.tensor([1.0, 3.1])
+    fast_logits[1, 3] = 100.0  # after the first difference: ignored
+    eager_tokens = [[0, 0, 0, 0], [0, 0, 0, 0], [1, 2, 3, 4]]
+    fast_tokens = [[0, 1, 4, 4], [0, 0, 1, 0], [1, 2, 3, 4]]
+    report = bench.divergences(eager_tokens, fast_tokens, eager_logits, fast_logits)
+    assert report["rows_equal"] == 1
+    assert report["usual_logit_diff"] == pytest.approx(0.02)
+    first = {r["row"]: r for r in report["first_divergences"]}
+    assert sorted(first) == [0, 1] and first[0]["step"] == 1 and first[1]["step"] == 2
+    assert first[0]["near_tie"] and not first[1]["near_tie"]
+    assert first[1]["logit_max_diff"] == pytest.approx(2.1)
+    assert report["all_divergences_near_ties"] is False
+    same = bench.divergences(eager_tokens[:1], eager_tokens[:1], eager_logits[:1], eager_logits[:1])
+    assert same["rows_equal"] == 1 and same["first_divergences"] == [] and same["all_divergences_near_ties"]
