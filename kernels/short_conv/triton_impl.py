@@ -2,8 +2,8 @@
 
 Forward reads u1 (K shifted views of one tile, served from L1/L2), u2 and writes y: three tensors of
 traffic instead of the unfused conv -> silu -> mul chain. Backward recomputes the conv at the K rows that
-each input feeds (K^2 tile loads, again from cache), writes du1 and du2, and per-program partial weight
-gradients that are summed on the host.
+each input feeds (K^2 tile loads, again from cache; `_bwd_k3_kernel` shares the shifted loads at kernel size
+3), writes du1 and du2, and per-program partial weight gradients that are summed on the host.
 """
 
 from __future__ import annotations
@@ -165,12 +165,13 @@ def _dconv(conv, dy, u2):
 def _bwd_k3_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
                    s1b, s1t, s2b, s2t, sdyb, sdyt, sd1b, sd1t, sd2b, sd2t, swc, swk, N_T,
                    BT: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr, CHANNELS_FIRST: tl.constexpr):
-    """The backward of kernel size 3 without an initial state, each input row read once per program.
+    """The backward of kernel size 3 without an initial state (the published configs).
 
-    `_bwd_kernel` recomputes the conv of every output row that an input row feeds (K^2 tap loads and K
-    sigmoids per element, each with its own document masks): instruction-bound at about 38% of the copy
-    bandwidth on the H200. Here the five u1 rows t-2 .. t+2 are loaded once, the three convs t, t+1, t+2 are
-    formed from them in registers, and each document test is one [BT] vector per shift.
+    `_bwd_kernel` recomputes the conv of every output row that an input row feeds: K^2 + K shifted u1 tile
+    loads, K of dy and of u2 per element (18 at K = 3), each with its own document masks. Here the five shifted
+    u1 tiles t-2 .. t+2 are loaded once and the three convs t, t+1, t+2 formed from them in registers (11 tile
+    loads per element), and each document test is one [BT] vector per shift. The shifted loads are served by
+    L1/L2 but still bound the kernel (f+b 1.15 ms against a 0.44 ms floor on the H200, docs/PERFORMANCE.md).
     Tap j multiplies u1[t - (2 - j)]: w2 the current token, w0 the token two back. CHANNELS_FIRST: the grid's
     first axis walks the channel blocks (programs that run together read whole rows), else the row tiles.
     """
