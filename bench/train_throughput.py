@@ -130,11 +130,13 @@ def measure(
 def tiny_corpus(seq_len: int) -> Path:
     """The tiny generated corpus prepared at `seq_len` (made once, under runs/bench)."""
     from data_pipeline.manifest import MANIFEST
+    from data_pipeline.tiny_corpus import zstd_available
 
     out = ROOT / "runs" / "bench" / f"tiny_corpus_{seq_len}"
     if not (out / MANIFEST).exists():
+        plain = [] if zstd_available() else ["--no-zstd"]
         subprocess.run(
-            [sys.executable, "-m", "data_pipeline.tiny_corpus", "--out", str(out), "--seq-len", str(seq_len)],
+            [sys.executable, "-m", "data_pipeline.tiny_corpus", "--out", str(out), "--seq-len", str(seq_len), *plain],
             cwd=ROOT,
             check=True,
         )

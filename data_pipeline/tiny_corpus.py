@@ -1,7 +1,9 @@
 """`python -m data_pipeline.tiny_corpus --out DIR`: a small, deterministic, English-like training set.
 
 Writes DIR/source/tiny_corpus.jsonl.zst (Pile format), trains DIR/tokenizer.model (SentencePiece BPE,
-vocab 512, one thread: reproducible), then prepares DIR (train + val shards, manifest.json).
+vocab 512, one thread: reproducible), then prepares DIR (train + val shards, manifest.json). `--no-zstd`
+writes the same lines as plain DIR/source/tiny_corpus.jsonl (for a machine without the zstandard package,
+such as a GPU box that receives only some wheels): the same documents, tokens and samples.
 
 Documents come from a fixed grammar driven by splitmix64 on Python ints, so the text is identical on
 every machine and Python >= 3.10. They have structure a tiny LM learns quickly (agreement, counting,
@@ -44,6 +46,7 @@ DAYS = tuple("Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split())
 NUMBERS = tuple("zero one two three four five six seven eight nine ten eleven twelve".split())
 VOCAB_SIZE = 512
 SOURCE = "source/tiny_corpus.jsonl.zst"
+PLAIN_SOURCE = "source/tiny_corpus.jsonl"
 TOKENIZER = "tokenizer.model"
 RECIPE = "tiny_corpus.json"
 
@@ -126,18 +129,36 @@ def generate_documents(count: int, seed: int = 0) -> list[str]:
     return [document(rng) for _ in range(count)]
 
 
+def _pile_lines(texts: list[str]) -> bytes:
+    return "".join(
+        json.dumps({"text": text, "meta": {"pile_set_name": "tiny_corpus", "index": i}}) + "\n"
+        for i, text in enumerate(texts)
+    ).encode()
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
 def write_jsonl_zst(path: str, texts: list[str]) -> None:
     """Write texts in the Pile's format: zstd-compressed lines of {"text": ..., "meta": {...}}."""
     import zstandard
 
-    lines = "".join(
-        json.dumps({"text": text, "meta": {"pile_set_name": "tiny_corpus", "index": i}}) + "\n"
-        for i, text in enumerate(texts)
-    )
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(zstandard.ZstdCompressor(level=3, threads=0).compress(lines.encode()))
-    os.replace(path + ".tmp", path)
+    _write_atomic(path, zstandard.ZstdCompressor(level=3, threads=0).compress(_pile_lines(texts)))
+
+
+def write_jsonl(path: str, texts: list[str]) -> None:
+    """The same lines as `write_jsonl_zst`, uncompressed."""
+    _write_atomic(path, _pile_lines(texts))
+
+
+def zstd_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("zstandard") is not None
 
 
 def train_sentencepiece(path: str, texts: list[str], vocab_size: int = VOCAB_SIZE) -> None:
@@ -176,11 +197,13 @@ def make_tiny_corpus(
     shard_samples: int = 256,
     workers: int = 1,
     progress: bool = False,
+    zstd: bool = True,
 ) -> dict:
     """Write the corpus and tokenizer into `out` and prepare it; return the manifest.
 
     The first `val_docs` documents (default docs // 20) form the validation split. A folder already made
     with the same arguments is returned as it is; one made with others is an error (nothing is touched).
+    `zstd=False` writes the source uncompressed (the recipe records it; the samples are the same).
     """
     val_docs = max(1, docs // 20) if val_docs is None else val_docs
     recipe = {
@@ -190,6 +213,8 @@ def make_tiny_corpus(
         "val_docs": val_docs,
         "shard_samples": shard_samples,
     }
+    if not zstd:  # only then, so that folders made before this option keep their recipe
+        recipe["zstd"] = False
     recipe_path, manifest_path = os.path.join(out, RECIPE), os.path.join(out, MANIFEST)
     if os.path.exists(recipe_path):
         with open(recipe_path) as f:
@@ -202,8 +227,8 @@ def make_tiny_corpus(
             with open(manifest_path) as f:
                 return json.load(f)
     texts = generate_documents(docs, seed)
-    source, tokenizer = os.path.join(out, SOURCE), os.path.abspath(os.path.join(out, TOKENIZER))
-    write_jsonl_zst(source, texts)
+    source, tokenizer = os.path.join(out, SOURCE if zstd else PLAIN_SOURCE), os.path.abspath(os.path.join(out, TOKENIZER))
+    (write_jsonl_zst if zstd else write_jsonl)(source, texts)
     train_sentencepiece(tokenizer, texts)
     write_json_atomic(recipe_path, recipe)
     config = PrepareConfig(
@@ -230,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--val-docs", type=int, help="default: docs // 20")
     parser.add_argument("--shard-samples", type=int, default=256)
+    parser.add_argument("--no-zstd", action="store_true",
+                        help="write the source as plain .jsonl (no zstandard package needed; the same samples)")
     args = parser.parse_args(argv)
     try:
-        make_tiny_corpus(args.out, args.docs, args.seed, args.seq_len, args.val_docs, args.shard_samples)
+        make_tiny_corpus(args.out, args.docs, args.seed, args.seq_len, args.val_docs, args.shard_samples,
+                         zstd=not args.no_zstd)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -66,3 +66,17 @@ def test_no_model_or_distributed_imports():
                 path,
                 forbidden,
             )
+
+
+def test_plain_jsonl_tiny_corpus_has_the_same_samples(tmp_path):
+    """--no-zstd (a machine without zstandard) writes the source uncompressed: the same tokenizer and the same
+    samples in the same order; the recipe records the choice, so the two folders are never mixed up."""
+    zst = make_tiny_corpus(str(tmp_path / "zst"), docs=200, seq_len=64, shard_samples=64)
+    plain = make_tiny_corpus(str(tmp_path / "plain"), docs=200, seq_len=64, shard_samples=64, zstd=False)
+    assert (tmp_path / "plain" / "source" / "tiny_corpus.jsonl").is_file()
+    assert not (tmp_path / "plain" / "source" / "tiny_corpus.jsonl.zst").exists()
+    assert plain["tokenizer"]["vocab_hash"] == zst["tokenizer"]["vocab_hash"]
+    # the splits record each shard's sha256 and the checksum of every sample: the same tokens, the same order
+    assert plain["splits"] == zst["splits"]
+    with pytest.raises(PrepareStateError, match="delete it first"):
+        make_tiny_corpus(str(tmp_path / "zst"), docs=200, seq_len=64, shard_samples=64, zstd=False)
