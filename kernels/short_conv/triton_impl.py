@@ -238,6 +238,84 @@ def _bwd_k3_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
              mask=mask)
 
 
+@triton.jit
+def _vec(P, i_b, t, s_b, s_t, offs_c, mask_c, T):
+    """Row t of P over the channel block, fp32 (zero outside 0 <= t < T)."""
+    return tl.load(P + i_b.to(tl.int64) * s_b + t * s_t + offs_c, mask=_row_ok(t, mask_c, offs_c, T),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_ok(t, mask_c, offs_c, T):
+    """mask_c where 0 <= t < T (t broadcast over the channels first: Triton's interpreter cannot mix a scalar
+    condition into a block mask)."""
+    rows = t + offs_c * 0
+    return mask_c & (rows >= 0) & (rows < T)
+
+
+@triton.jit
+def _doc_at(DOC, i_b, t, T, HAS_DOC: tl.constexpr):
+    """The document id of row t (-1 outside the sequence; 0 without documents)."""
+    if HAS_DOC:
+        return tl.load(DOC + i_b.to(tl.int64) * T + t, mask=(t >= 0) & (t < T), other=-1)
+    return tl.where((t >= 0) & (t < T), 0, -1)
+
+
+@triton.jit
+def _bwd_k3_rows_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
+                        s1b, s1t, s2b, s2t, sdyb, sdyt, sd1b, sd1t, sd2b, sd2t, swc, swk,
+                        ROWS: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """The kernel-size-3 backward walking its rows in order: every u1, dy, u2 row loaded once.
+
+    One program: a channel block and ROWS rows r0 .. r0+ROWS-1. At row t it forms conv[t] from u1[t] and the two
+    rows before it (carried in registers), then dconv[t] and du2[t]; du1[t-2] needs dconv[t-2 .. t], so it is
+    written two rows late (the walk runs two rows past the block; those rows only feed du1). No shifted reloads,
+    no recomputed conv: a streaming kernel whose parallelism comes from many programs in flight.
+    """
+    i_c = tl.program_id(0)
+    i_r = tl.program_id(1)
+    i_b = tl.program_id(2)
+    r0 = i_r * ROWS
+    offs_c = i_c * BC + tl.arange(0, BC)
+    mask_c = offs_c < C
+    w0 = tl.load(W + offs_c * swc, mask=mask_c, other=0.0).to(tl.float32)
+    w1 = tl.load(W + offs_c * swc + swk, mask=mask_c, other=0.0).to(tl.float32)
+    w2 = tl.load(W + offs_c * swc + 2 * swk, mask=mask_c, other=0.0).to(tl.float32)
+    x2 = _vec(U1, i_b, r0 - 2, s1b, s1t, offs_c, mask_c, T)  # u1[t-2]
+    x1 = _vec(U1, i_b, r0 - 1, s1b, s1t, offs_c, mask_c, T)  # u1[t-1]
+    doc2 = _doc_at(DOC, i_b, r0 - 2, T, HAS_DOC)
+    doc1 = _doc_at(DOC, i_b, r0 - 1, T, HAS_DOC)
+    g2 = tl.zeros([BC], dtype=tl.float32)  # dconv[t-2]
+    g1 = tl.zeros([BC], dtype=tl.float32)  # dconv[t-1]
+    dw0 = tl.zeros([BC], dtype=tl.float32)
+    dw1 = tl.zeros([BC], dtype=tl.float32)
+    dw2 = tl.zeros([BC], dtype=tl.float32)
+    for i in range(ROWS + 2):
+        t = r0 + i
+        doc0 = _doc_at(DOC, i_b, t, T, HAS_DOC)
+        x0 = _vec(U1, i_b, t, s1b, s1t, offs_c, mask_c, T)
+        back1 = x1 * (doc1 == doc0).to(tl.float32)
+        back2 = x2 * (doc2 == doc0).to(tl.float32)
+        conv = back2 * w0 + back1 * w1 + x0 * w2
+        dy = _vec(DY, i_b, t, sdyb, sdyt, offs_c, mask_c, T)
+        g0, sig = _dconv(conv, dy, _vec(U2, i_b, t, s2b, s2t, offs_c, mask_c, T))
+        if i < ROWS:  # rows past the block only feed du1 of the block's last two rows
+            tl.store(DU2 + i_b.to(tl.int64) * sd2b + t * sd2t + offs_c, (dy * conv * sig).to(DU2.dtype.element_ty),
+                     mask=_row_ok(t, mask_c, offs_c, T))
+            dw0 += g0 * back2
+            dw1 += g0 * back1
+            dw2 += g0 * x0
+        if i >= 2:  # du1[t-2] from dconv[t-2], dconv[t-1], dconv[t] (each in the document of row t-2)
+            du1 = g2 * w2 + g1 * (doc1 == doc2).to(tl.float32) * w1 + g0 * (doc0 == doc2).to(tl.float32) * w0
+            tl.store(DU1 + i_b.to(tl.int64) * sd1b + (t - 2) * sd1t + offs_c, du1.to(DU1.dtype.element_ty),
+                     mask=_row_ok(t - 2, mask_c, offs_c, T))
+        x2, x1, doc2, doc1, g2, g1 = x1, x0, doc1, doc0, g1, g0
+    part = DW_PART + ((i_b * tl.num_programs(1) + i_r) * 3).to(tl.int64) * C
+    tl.store(part + offs_c, dw0, mask=mask_c)
+    tl.store(part + C + offs_c, dw1, mask=mask_c)
+    tl.store(part + 2 * C + offs_c, dw2, mask=mask_c)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # host side
 
@@ -277,6 +355,12 @@ K3_WARPS = 4
 K3_CHANNELS_FIRST = False
 # False: every backward runs the general kernel (bench/kernels.py times both)
 USE_K3 = True
+# "tile": _bwd_k3_kernel (measured, the default); "rows": _bwd_k3_rows_kernel, ROWS rows per program over K3_ROWS_BLOCK_C
+# channels (written after the last device time; bench/kernels.py --sweep --only conv times it against "tile")
+K3_MODE = "tile"
+K3_ROWS = 64
+K3_ROWS_BLOCK_C = 512
+K3_ROWS_WARPS = 4
 
 
 def backward(dy, u1, u2, weight, docs, init):
@@ -287,16 +371,21 @@ def backward(dy, u1, u2, weight, docs, init):
     du1 = new_output(u1.shape, u1.dtype, u1.device)
     du2 = new_output(u2.shape, u2.dtype, u2.device)
     k3 = USE_K3 and ks == 3 and init is None
-    block_t = K3_BLOCK_T if k3 else BLOCK_T
-    block_c = K3_BLOCK_C if k3 else BLOCK_C
+    rows = k3 and K3_MODE == "rows"
+    block_t = (K3_ROWS if rows else K3_BLOCK_T) if k3 else BLOCK_T
+    block_c = (K3_ROWS_BLOCK_C if rows else K3_BLOCK_C) if k3 else BLOCK_C
     n_t = triton.cdiv(seqlen, block_t)
     dw_part = new_output((batch * n_t, ks, channels), torch.float32, u1.device)
     n_c = triton.cdiv(channels, block_c)
-    channels_first = k3 and K3_CHANNELS_FIRST
+    channels_first = k3 and (rows or K3_CHANNELS_FIRST)
     grid = (n_c, n_t, batch) if channels_first else (n_t, n_c, batch)
     strides = (u1.stride(0), u1.stride(1), u2.stride(0), u2.stride(1), dy.stride(0), dy.stride(1),
                du1.stride(0), du1.stride(1), du2.stride(0), du2.stride(1), weight.stride(0), weight.stride(1))
-    if k3:
+    if rows:
+        _bwd_k3_rows_kernel[grid](u1, u2, weight, docs if docs is not None else u1, dy, du1, du2, dw_part,
+                                  seqlen, channels, *strides, ROWS=block_t, BC=block_c, HAS_DOC=docs is not None,
+                                  num_warps=K3_ROWS_WARPS)
+    elif k3:
         _bwd_k3_kernel[grid](u1, u2, weight, docs if docs is not None else u1, dy, du1, du2, dw_part,
                              seqlen, channels, *strides, n_t, BT=block_t, BC=block_c, HAS_DOC=docs is not None,
                              CHANNELS_FIRST=channels_first, num_warps=K3_WARPS)

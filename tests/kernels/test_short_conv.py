@@ -64,3 +64,23 @@ def test_kernel_size_3_backward_tiles_and_grid_orders(tile, channels_first, monk
     y = short_conv_gated(*u.chunk(2, -1), w, doc_ids=doc_ids, backend="triton")
     y_ref = short_conv_gated_reference(*u64.chunk(2, -1), w64, doc_ids=doc_ids)
     check_output_and_grads(y, y_ref, (u, w), (u64, w64), torch.float32, ["du", "dw"])
+
+
+@pytest.mark.parametrize("docs", list(DOCS), ids=list(DOCS))
+@pytest.mark.parametrize("rows, block_c", [(8, 32), (64, 512)], ids=["R8-BC32", "R64-BC512"])
+def test_kernel_size_3_backward_row_walk(rows, block_c, docs, monkeypatch):
+    """K3_MODE "rows" (the row-walking backward, a candidate of bench/kernels.py): the float64 reference's
+    gradients at row blocks that do and do not divide T, with and without packed documents."""
+    from kernels.short_conv import triton_impl
+
+    monkeypatch.setattr(triton_impl, "K3_MODE", "rows")
+    monkeypatch.setattr(triton_impl, "K3_ROWS", rows)
+    monkeypatch.setattr(triton_impl, "K3_ROWS_BLOCK_C", block_c)
+    for dtype in DTYPES:
+        b, t, c = 2, 37, 70
+        doc_ids = packed_doc_ids(b, t, DOCS[docs])
+        (u,), (u64,) = leaves([torch.randn(b, t, 2 * c, device=DEVICE)], dtype)
+        (w,), (w64,) = leaves([torch.randn(c, 3, device=DEVICE)], torch.float32)
+        y = short_conv_gated(*u.chunk(2, -1), w, doc_ids=doc_ids, backend="triton")
+        y_ref = short_conv_gated_reference(*u64.chunk(2, -1), w64, doc_ids=doc_ids)
+        check_output_and_grads(y, y_ref, (u, w), (u64, w64), dtype, ["du", "dw"])
