@@ -155,6 +155,14 @@ def _same(DOC, i_b, rows, doc_rows, T, shift, HAS_DOC: tl.constexpr):
 
 
 @triton.jit
+def _docs_of(DOC, i_b, rows, mask_rows, T, HAS_DOC: tl.constexpr):
+    """The document ids of `rows` (the row indices themselves without documents: `_same` then ignores them)."""
+    if HAS_DOC:
+        return tl.load(DOC + i_b.to(tl.int64) * T + rows, mask=mask_rows, other=0)
+    return rows
+
+
+@triton.jit
 def _dconv(conv, dy, u2):
     """d(silu(conv) * u2)/dconv * dy, and silu's sigmoid."""
     sig = tl.sigmoid(conv)
@@ -186,9 +194,7 @@ def _bwd_k3_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
     offs_c = i_c * BC + tl.arange(0, BC)
     mask_c = offs_c < C
     mask_t = rows < T
-    doc_rows = rows  # unused without documents
-    if HAS_DOC:
-        doc_rows = tl.load(DOC + i_b.to(tl.int64) * T + rows, mask=mask_t, other=0)
+    doc_rows = _docs_of(DOC, i_b, rows, mask_t, T, HAS_DOC)
     w0 = tl.load(W + offs_c * swc, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     w1 = tl.load(W + offs_c * swc + swk, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     w2 = tl.load(W + offs_c * swc + 2 * swk, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -213,9 +219,7 @@ def _bwd_k3_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
     # output row t+1 (reads u1[t-1], u1[t], u1[t+1] within the document of row t+1)
     rows1 = rows + 1
     mask1 = rows1 < T
-    doc1 = rows1
-    if HAS_DOC:
-        doc1 = tl.load(DOC + i_b.to(tl.int64) * T + rows1, mask=mask1, other=0)
+    doc1 = _docs_of(DOC, i_b, rows1, mask1, T, HAS_DOC)
     e10 = _same(DOC, i_b, rows1, doc1, T, -1, HAS_DOC)  # row t in the document of row t+1
     x_p1 = _row(U1, i_b, rows1, mask1, s1b, s1t, offs_c, mask_c)
     conv = x_m1 * _same(DOC, i_b, rows1, doc1, T, -2, HAS_DOC) * w0 + x_0 * e10 * w1 + x_p1 * w2
@@ -225,9 +229,7 @@ def _bwd_k3_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
     # output row t+2 (reads u1[t], u1[t+1], u1[t+2])
     rows2 = rows + 2
     mask2 = rows2 < T
-    doc2 = rows2
-    if HAS_DOC:
-        doc2 = tl.load(DOC + i_b.to(tl.int64) * T + rows2, mask=mask2, other=0)
+    doc2 = _docs_of(DOC, i_b, rows2, mask2, T, HAS_DOC)
     e20 = _same(DOC, i_b, rows2, doc2, T, -2, HAS_DOC)  # row t in the document of row t+2
     x_p2 = _row(U1, i_b, rows2, mask2, s1b, s1t, offs_c, mask_c)
     conv = x_0 * e20 * w0 + x_p1 * _same(DOC, i_b, rows2, doc2, T, -1, HAS_DOC) * w1 + x_p2 * w2
