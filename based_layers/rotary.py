@@ -71,8 +71,13 @@ class Rotary(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        self._build(self.cos.device)
+        self.rebuild_tables()
         return self
+
+    def rebuild_tables(self) -> None:
+        """Compute the tables again where they are: for a loader that gives non-persistent buffers fresh memory
+        without calling `.to()` (transformers 5 materialises them with `empty_like`, then runs `_init_weights`)."""
+        self._build(self.cos.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, in_sequence: bool = False) -> torch.Tensor:
         """x [B, T, H, D], positions [B, T] (long) -> x with its first `rotary_dim` channels rotated.

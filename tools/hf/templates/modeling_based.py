@@ -91,7 +91,11 @@ class BasedForCausalLM(PreTrainedModel, GenerationMixin):
         return False
 
     def _init_weights(self, module) -> None:
-        """The native constructor already initialized every weight; loading overwrites them."""
+        """The native constructor already initialized every weight; loading overwrites them. RoPE's cos/sin
+        tables are not weights (non-persistent buffers): transformers 5 gives them uninitialized memory when it
+        loads, so they are computed again here."""
+        if hasattr(module, "rebuild_tables"):
+            module.rebuild_tables()
 
     def get_input_embeddings(self):
         return self.transformer.embeddings.word_embeddings
