@@ -79,18 +79,27 @@ class Rotary(nn.Module):
         without calling `.to()` (transformers 5 materialises them with `empty_like`, then runs `_init_weights`)."""
         self._build(self.cos.device)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, in_sequence: bool = False) -> torch.Tensor:
-        """x [B, T, H, D], positions [B, T] (long) -> x with its first `rotary_dim` channels rotated.
+    def angles(self, positions: torch.Tensor, in_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, R/2] fp32 of positions [B, T] (long).
 
         `in_sequence`: every position is below T (a parallel forward's positions inside their documents); the
         tables are then read without looking at the values whenever T <= table_positions. Otherwise (a decode
         step's absolute positions) the angles are computed.
         """
-        if self.rotary_dim <= 0:
-            return x
         if in_sequence and positions.shape[-1] <= self.table_positions:
-            return rotate(x, self.cos[positions], self.sin[positions])
-        return rotate(x, *rotary_angles(positions, self.rotary_dim, self.base))
+            return self.cos[positions], self.sin[positions]
+        return rotary_angles(positions, self.rotary_dim, self.base)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, in_sequence: bool = False) -> torch.Tensor:
+        """x [B, T, H, D], positions [B, T] (long) -> x with its first `rotary_dim` channels rotated."""
+        return self.pair(x, None, positions, in_sequence)[0]
+
+    def pair(self, q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor, in_sequence: bool = False):
+        """q and k (or None) rotated with one lookup of their angles."""
+        if self.rotary_dim <= 0:
+            return q, k
+        cos, sin = self.angles(positions, in_sequence)
+        return rotate(q, cos, sin), None if k is None else rotate(k, cos, sin)
 
     def extra_repr(self) -> str:
         return f"rotary_dim={self.rotary_dim}, base={self.base}, table_positions={self.table_positions}"

@@ -92,28 +92,10 @@ def python_executable() -> str:
     return os.environ.get("PYTHON") or sys.executable
 
 
-def torchrun_argv(
-    config: str | Path,
-    overrides: list[str],
-    nnodes: int,
-    nproc_per_node: int,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str = "based",
-    is_host: bool | None = None,
-    local_addr: str | None = None,
-) -> list[str]:
-    """torchrun running the trainer with `python_executable()` (see `launch.relay.torchrun_argv`)."""
-    return relay.torchrun_argv(
-        python_executable(),
-        str(config),
-        overrides,
-        nnodes,
-        nproc_per_node,
-        rdzv_endpoint,
-        rdzv_id,
-        is_host,
-        local_addr,
-    )
+def torchrun_argv(config: str | Path, overrides: list[str], *args, **kwargs) -> list[str]:
+    """torchrun running the trainer with `python_executable()`; the other arguments (nnodes, nproc_per_node,
+    rdzv_endpoint, ...) are those of `launch.relay.torchrun_argv`."""
+    return relay.torchrun_argv(python_executable(), str(config), overrides, *args, **kwargs)
 
 
 class Torchrun:

@@ -28,7 +28,7 @@ class CausalSelfAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor, in_sequence: bool = False):
         batch, seqlen, _ = x.shape
         q, k, v = self.Wqkv(x).view(batch, seqlen, 3, -1, self.head_dim).unbind(2)
-        return self.rope(q, positions, in_sequence), self.rope(k, positions, in_sequence), v
+        return (*self.rope.pair(q, k, positions, in_sequence), v)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, initial_state: dict | None = None,
                 return_state: bool = False):

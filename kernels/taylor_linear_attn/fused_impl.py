@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._common import last_dim_contiguous, new_output, next_pow2
-from .triton_impl import _chunk_docs, _mm, _precision, _strides3, normalizer_grad
+from .triton_impl import _chunk_docs, _mm, _precision, _strides3, final_state_grads, normalizer_grad
 
 
 @triton.jit
@@ -89,6 +89,34 @@ def _load_chunk(X, b_off, sxt, offs_t, offs_c, mask_t, nc):
     """A [BC, nc-wide] tile of one (row, head) of X (masked rows and columns are 0)."""
     return tl.load(X + b_off + offs_t[:, None] * sxt + offs_c[None, :], mask=mask_t[:, None] & (offs_c < nc)[None, :],
                    other=0.0)
+
+
+@triton.jit
+def _head_offsets(i_b, i_h, sqb, sqh, skb, skh, svb, svh):
+    """Offsets of one (row, head) in Q, K and V ([B, T, H, D] with any strides)."""
+    return (i_b.to(tl.int64) * sqb + i_h * sqh, i_b.to(tl.int64) * skb + i_h * skh,
+            i_b.to(tl.int64) * svb + i_h * svh)
+
+
+@triton.jit
+def _chunk(Q, K, V, q_off, k_off, v_off, sqt, skt, svt, doc_ptr, t0, offs_f, offs_v, T, F, DV, BC: tl.constexpr):
+    """The chunk of rows t0 .. t0+BC-1: its rows, their mask, q, k [BC, FP], v [BC, BV] and the document ids
+    (each row's, the row before the chunk's, the chunk's last row's)."""
+    offs_t = t0 + tl.arange(0, BC)
+    mask_t = offs_t < T
+    q = _load_chunk(Q, q_off, sqt, offs_t, offs_f, mask_t, F)
+    k = _load_chunk(K, k_off, skt, offs_t, offs_f, mask_t, F)
+    v = _load_chunk(V, v_off, svt, offs_t, offs_v, mask_t, DV)
+    doc, doc_prev, doc_last = _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC)
+    return offs_t, mask_t, q, k, v, doc, doc_prev, doc_last
+
+
+@triton.jit
+def _intra_scores(q, k, offs_t, mask_t, doc, inv_sqrt_f, PREC: tl.constexpr):
+    """x = q.k / sqrt(F) [BC, BC], the kept (causal, same-document) pairs and a = 1 + x + x^2/2 on them."""
+    x = _mm(q, tl.trans(k), PREC) * inv_sqrt_f
+    keep = (offs_t[:, None] >= offs_t[None, :]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
+    return x, keep, tl.where(keep, 1.0 + x + 0.5 * x * x, 0.0)
 
 
 @triton.jit
@@ -164,23 +192,14 @@ def _fused_fwd_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
     offs_v = i_v * BV + tl.arange(0, BV)
     mv = offs_v < DV
     s0, s1, s2, z0, z1, z2 = _load_state(KV0, KS0, i_bh, offs_f, offs_r, offs_v, F, FP, DV, BV, HAS_S0)
-    q_off = i_b.to(tl.int64) * sqb + i_h * sqh
-    k_off = i_b.to(tl.int64) * skb + i_h * skh
-    v_off = i_b.to(tl.int64) * svb + i_h * svh
+    q_off, k_off, v_off = _head_offsets(i_b, i_h, sqb, sqh, skb, skh, svb, svh)
     o_off = i_b.to(tl.int64) * sob + i_h * soh
     doc_ptr = DOC + i_b.to(tl.int64) * T
     dt = V.dtype.element_ty
     for c in range(NC):
-        t0 = c * BC
-        offs_t = t0 + tl.arange(0, BC)
-        mask_t = offs_t < T
-        q = _load_chunk(Q, q_off, sqt, offs_t, offs_f, mask_t, F)
-        k = _load_chunk(K, k_off, skt, offs_t, offs_f, mask_t, F)
-        v = _load_chunk(V, v_off, svt, offs_t, offs_v, mask_t, DV)
-        doc, doc_prev, doc_last = _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC)
-        x = _mm(q, tl.trans(k), PREC) * inv_sqrt_f
-        keep = (offs_t[:, None] >= offs_t[None, :]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
-        sim = tl.where(keep, 1.0 + x + 0.5 * x * x, 0.0)
+        offs_t, mask_t, q, k, v, doc, doc_prev, doc_last = _chunk(Q, K, V, q_off, k_off, v_off, sqt, skt, svt,
+                                                                  doc_ptr, c * BC, offs_f, offs_v, T, F, DV, BC)
+        x, keep, sim = _intra_scores(q, k, offs_t, mask_t, doc, inv_sqrt_f, PREC)
         num = _mm(sim.to(dt), v, PREC)
         den = tl.sum(sim, axis=1)
         qf = q.to(tl.float32)
@@ -314,23 +333,14 @@ def _fused_fwd_split_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
     s2b = _load_s2_block(base0, zbase0, 1, offs_v, F, FP, R, DV, HAS_S0, BV)
     s2c = _load_s2_block(base0, zbase0, 2 % NB, offs_v, F, FP, R, DV, HAS_S0, BV)
     s2d = _load_s2_block(base0, zbase0, 3 % NB, offs_v, F, FP, R, DV, HAS_S0, BV)
-    q_off = i_b.to(tl.int64) * sqb + i_h * sqh
-    k_off = i_b.to(tl.int64) * skb + i_h * skh
-    v_off = i_b.to(tl.int64) * svb + i_h * svh
+    q_off, k_off, v_off = _head_offsets(i_b, i_h, sqb, sqh, skb, skh, svb, svh)
     o_off = i_b.to(tl.int64) * sob + i_h * soh
     doc_ptr = DOC + i_b.to(tl.int64) * T
     dt = V.dtype.element_ty
     for c in range(NC):
-        t0 = c * BC
-        offs_t = t0 + tl.arange(0, BC)
-        mask_t = offs_t < T
-        q = _load_chunk(Q, q_off, sqt, offs_t, offs_f, mask_t, F)
-        k = _load_chunk(K, k_off, skt, offs_t, offs_f, mask_t, F)
-        v = _load_chunk(V, v_off, svt, offs_t, offs_v, mask_t, DV)
-        doc, doc_prev, doc_last = _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC)
-        x = _mm(q, tl.trans(k), PREC) * inv_sqrt_f
-        keep = (offs_t[:, None] >= offs_t[None, :]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
-        sim = tl.where(keep, 1.0 + x + 0.5 * x * x, 0.0)
+        offs_t, mask_t, q, k, v, doc, doc_prev, doc_last = _chunk(Q, K, V, q_off, k_off, v_off, sqt, skt, svt,
+                                                                  doc_ptr, c * BC, offs_f, offs_v, T, F, DV, BC)
+        x, keep, sim = _intra_scores(q, k, offs_t, mask_t, doc, inv_sqrt_f, PREC)
         reads = doc == doc_prev
         writes = mask_t & (doc == doc_last)
         carry = (doc_last == doc_prev).to(tl.float32)
@@ -382,12 +392,9 @@ def _fused_fwd_split_kernel(Q, K, V, DOC, OUT, DEN, KV0, KS0, KV1, KS1,
 def _bwd_intra(q, k, v, g, hh, offs_t, mask_t, doc, inv_sqrt_f, PREC: tl.constexpr):
     """Intra-chunk part of the backward: a = 1 + x + x^2/2 on the kept pairs and dL/dx (this value block's
     share; hh carries the normalizer gradient in value block 0 only)."""
-    x = _mm(q, tl.trans(k), PREC) * inv_sqrt_f
-    keep = (offs_t[:, None] >= offs_t[None, :]) & (doc[:, None] == doc[None, :]) & mask_t[None, :]
+    x, keep, a = _intra_scores(q, k, offs_t, mask_t, doc, inv_sqrt_f, PREC)
     da = _mm(g, tl.trans(v), PREC) + hh[:, None]
-    dx = tl.where(keep, da * (1.0 + x), 0.0)
-    a = tl.where(keep, 1.0 + x + 0.5 * x * x, 0.0)
-    return a, dx
+    return a, tl.where(keep, da * (1.0 + x), 0.0)
 
 
 @triton.jit
@@ -415,22 +422,15 @@ def _fused_bwd_dq_kernel(Q, K, V, DOC, DO, DEN, HH, KV0, KS0, DQ,
     offs_r = tl.arange(0, FP * FP)
     offs_v = i_v * BV + tl.arange(0, BV)
     s0, s1, s2, z0, z1, z2 = _load_state(KV0, KS0, i_bh, offs_f, offs_r, offs_v, F, FP, DV, BV, HAS_S0)
-    q_off = i_b.to(tl.int64) * sqb + i_h * sqh
-    k_off = i_b.to(tl.int64) * skb + i_h * skh
-    v_off = i_b.to(tl.int64) * svb + i_h * svh
+    q_off, k_off, v_off = _head_offsets(i_b, i_h, sqb, sqh, skb, skh, svb, svh)
     do_off = i_b.to(tl.int64) * sdob + i_h * sdoh
     dq_ptr = DQ + i_v.to(tl.int64) * sdqv + i_b.to(tl.int64) * sdqb + i_h * sdqh
     doc_ptr = DOC + i_b.to(tl.int64) * T
     dt = V.dtype.element_ty
     for c in range(NC):
-        t0 = c * BC
-        offs_t = t0 + tl.arange(0, BC)
-        mask_t = offs_t < T
-        q = _load_chunk(Q, q_off, sqt, offs_t, offs_f, mask_t, F)
-        k = _load_chunk(K, k_off, skt, offs_t, offs_f, mask_t, F)
-        v = _load_chunk(V, v_off, svt, offs_t, offs_v, mask_t, DV)
+        offs_t, mask_t, q, k, v, doc, doc_prev, doc_last = _chunk(Q, K, V, q_off, k_off, v_off, sqt, skt, svt,
+                                                                  doc_ptr, c * BC, offs_f, offs_v, T, F, DV, BC)
         g, hh = _load_g_hh(DO, DEN, HH, do_off, sdot, i_bh.to(tl.int64) * T, offs_t, offs_v, mask_t, DV, i_v)
-        doc, doc_prev, doc_last = _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC)
         a, dx = _bwd_intra(q, k, v, g.to(dt), hh, offs_t, mask_t, doc, inv_sqrt_f, PREC)
         dq = _mm(dx.to(dt), k, PREC) * inv_sqrt_f
         reads = doc == doc_prev
@@ -468,23 +468,17 @@ def _fused_bwd_dkv_kernel(Q, K, V, DOC, DO, DEN, HH, DKV1, DKS1, DKV0, DKS0, DK,
     # the normalizer's gradient enters once, through value block 0
     first_block = (i_v == 0).to(tl.float32)
     dz0, dz1, dz2 = dz0 * first_block, dz1 * first_block, dz2 * first_block
-    q_off = i_b.to(tl.int64) * sqb + i_h * sqh
-    k_off = i_b.to(tl.int64) * skb + i_h * skh
-    v_off = i_b.to(tl.int64) * svb + i_h * svh
+    q_off, k_off, v_off = _head_offsets(i_b, i_h, sqb, sqh, skb, skh, svb, svh)
     do_off = i_b.to(tl.int64) * sdob + i_h * sdoh
     dk_ptr = DK + i_v.to(tl.int64) * sdqv + i_b.to(tl.int64) * sdqb + i_h * sdqh
     dv_ptr = DVAL + i_b.to(tl.int64) * sdvb + i_h * sdvh
     doc_ptr = DOC + i_b.to(tl.int64) * T
     dt = V.dtype.element_ty
     for i in range(NC):
-        t0 = (NC - 1 - i) * BC
-        offs_t = t0 + tl.arange(0, BC)
-        mask_t = offs_t < T
-        q = _load_chunk(Q, q_off, sqt, offs_t, offs_f, mask_t, F)
-        k = _load_chunk(K, k_off, skt, offs_t, offs_f, mask_t, F)
-        v = _load_chunk(V, v_off, svt, offs_t, offs_v, mask_t, DV)
+        offs_t, mask_t, q, k, v, doc, doc_prev, doc_last = _chunk(Q, K, V, q_off, k_off, v_off, sqt, skt, svt,
+                                                                  doc_ptr, (NC - 1 - i) * BC, offs_f, offs_v, T, F,
+                                                                  DV, BC)
         g, hh = _load_g_hh(DO, DEN, HH, do_off, sdot, i_bh.to(tl.int64) * T, offs_t, offs_v, mask_t, DV, i_v)
-        doc, doc_prev, doc_last = _chunk_docs(doc_ptr, t0, offs_t, mask_t, T, BC)
         a, dx = _bwd_intra(q, k, v, g.to(dt), hh, offs_t, mask_t, doc, inv_sqrt_f, PREC)
         dval = _mm(tl.trans(a.to(dt)), g.to(dt), PREC)
         dk = _mm(tl.trans(dx.to(dt)), q, PREC) * inv_sqrt_f
@@ -634,12 +628,7 @@ class FusedTaylorLinearAttentionFn(torch.autograd.Function):
     def backward(ctx, do, d_kv, d_ks):
         q, k, v, docs, o, den, kv0, ks0 = ctx.saved_tensors
         plan = ctx.plan
-        d_final = None
-        if d_kv is not None or d_ks is not None:
-            shape = (q.shape[0], q.shape[2], plan.NF)
-            d_kv = d_kv if d_kv is not None else q.new_zeros((*shape, v.shape[-1]), dtype=torch.float32)
-            d_ks = d_ks if d_ks is not None else q.new_zeros(shape, dtype=torch.float32)
-            d_final = (d_kv, d_ks)
+        d_final = final_state_grads(d_kv, d_ks, q, v, plan.NF)
         need_d_init = kv0 is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
         dq, dk, dv, d_init = fused_backward(do, q, k, v, docs, o, den, kv0, ks0, d_final, need_d_init, plan)
         d_kv0, d_ks0 = d_init if d_init is not None else (None, None)

@@ -78,16 +78,11 @@ def taylor_linear_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, doc
                                 tiles: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (the inputs' dtypes) and the initial state's gradient (fp32; two empty tensors unless
     need_d_initial). d_kv, d_ks: gradients of the final state, or None (a missing one counts as zeros)."""
-    from .triton_impl import backward
+    from .triton_impl import backward, final_state_grads
 
     q, k, v = _contig(q, k, v)
     plan = Plan.for_call(q, v, tiles)
-    d_final = None
-    if d_kv is not None or d_ks is not None:
-        shape = (q.shape[0], q.shape[2], plan.NF)
-        d_kv = d_kv if d_kv is not None else q.new_zeros((*shape, v.shape[-1]), dtype=torch.float32)
-        d_ks = d_ks if d_ks is not None else q.new_zeros(shape, dtype=torch.float32)
-        d_final = (d_kv, d_ks)
+    d_final = final_state_grads(d_kv, d_ks, q, v, plan.NF)
     dq, dk, dv, d_init = backward(do, q, k, v, _docs(doc_ids, q), o, den, (states, zst), d_final, need_d_initial,
                                   plan)
     if d_init is None:

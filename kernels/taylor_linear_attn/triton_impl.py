@@ -559,6 +559,17 @@ def forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan: Plan):
     return o, den, (states, zst), final
 
 
+def final_state_grads(d_kv, d_ks, q: torch.Tensor, v: torch.Tensor, n_feat: int):
+    """(d_kv, d_ks) of the final state for a backward, zeros standing in for the one autograd left as None,
+    or None when neither reached it (q [B, T, H, F], v [B, T, H, Dv]; fp32 [B, H, NF, Dv] and [B, H, NF])."""
+    if d_kv is None and d_ks is None:
+        return None
+    shape = (q.shape[0], q.shape[2], n_feat)
+    d_kv = d_kv if d_kv is not None else q.new_zeros((*shape, v.shape[-1]), dtype=torch.float32)
+    d_ks = d_ks if d_ks is not None else q.new_zeros(shape, dtype=torch.float32)
+    return d_kv, d_ks
+
+
 def normalizer_grad(o: torch.Tensor, do: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """-(dO . o) / den per query [B, H, T] (fp32): the gradient that reaches the normalizer (o, dO [B, T, H, Dv],
     den [B, H, T])."""
