@@ -70,6 +70,8 @@ FIT_MARGIN_BYTES = 3 * GIB
 GRAPH_CHECK_RESERVE_S = 30
 # share of the time budget (after the probe) for the decode grids; the rest is for the "most sequences" phase
 FIT_PHASE_SHARE_GRID = 0.75
+# --linears table: the decode step runs decode_linear at the shapes kernels/tiles.py lists (StaticStep's default)
+FAST_LINEARS = [True]
 
 
 def model_config(name: str, backend: str, mamba_backend: str = "reference"):
@@ -259,6 +261,7 @@ def bench_decode(
             compile_mode=compile_mode,
             greedy=True,
             warm_up_restores=False,
+            fast_linears=FAST_LINEARS[0],
         )
         setup = _sync_seconds(lambda: step(first))  # compiles and captures: not timed
         capture = 0.0
@@ -1008,6 +1011,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "4.7 vs 8.5 ms/step at batch 16 / 1k cache and 29 vs 87 ms at 16k for the split-K kernel), the "
         "split-K Triton kernel, or auto (the kernel when it passes the probe)",
     )
+    parser.add_argument(
+        "--linears",
+        default="table",
+        choices=["table", "cublas"],
+        help="the decode step's Linear layers: decode_linear at the shapes kernels/tiles.py lists (table), or "
+        "cuBLAS everywhere",
+    )
     parser.add_argument("--fit-tries", type=int, default=5, help="allocations per 'most sequences' check")
     parser.add_argument(
         "--budget-s",
@@ -1025,6 +1035,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "generation.json")
     args = parser.parse_args(argv)
+    FAST_LINEARS[0] = args.linears == "table"
     if args.quick:
         args.batches, args.contexts, args.steps, args.fit_tries, args.prefill_batches = (
             "1,16",

@@ -50,8 +50,10 @@ FWD_EXPLORE = ([_cfg("reshape", bc, bv, w) for bc, bv, w in itertools.product((1
 FWD_CANDIDATES = ([_cfg("reshape", bc, bv, w) for bc, bv, w in ((32, 16, 4), (32, 32, 8), (16, 16, 4), (32, 32, 4),
                                                                  (64, 32, 8))]
                   + [_cfg("select", 32, 32, 8)]
-                  + [_cfg("split", 64, bv, w, 1, 4) for bv, w in itertools.product((16, 32, 64), (4, 8))]
-                  + [_cfg("split", 64, 16, 8, 1, 2), _cfg("split", 64, 32, 4, 2, 4), _cfg("split", 32, 16, 4, 1, 4)])
+                  + [_cfg("split", 64, bv, 4, 1, 4) for bv in (16, 32, 64)]
+                  + [_cfg("split", 64, 32, 4, 2, 4), _cfg("split", 32, 16, 4, 1, 4)])
+# left out: the split design at 8 warps (64/16/8 with 4 or 2 row blocks), which hit an illegal memory access on
+# the H200 (Triton 3.6, 2026-12-01) and left the CUDA context unusable for the rest of the run
 
 
 def rel(a, b) -> float:

@@ -47,10 +47,10 @@ _RULES = [
     ("norms/reductions", r"rms_norm|layer_norm|RMSNorm|LayerNorm"),
     (
         "mixer kernels",
-        r"^_(fwd|bwd|bwd_k3|bwd_dq|bwd_dkv|bwd_dkdv|state_pass|normalizer_grad|delta|step)_kernel\b|"
+        r"^_(fwd|bwd|bwd_k3|bwd_k3_rows|bwd_dq|bwd_dkv|bwd_dkdv|state_pass|normalizer_grad|delta|step)_kernel\b|"
         r"flash|fmha|attention|sdpa|selective_scan|causal_conv1d|chunk_scan|ssd_",
     ),
-    ("matrix products", r"gemm|nvjet|cutlass|xmma|cublas|matmul|splitKreduce|_mm_|wgmma|sm90_|sm80_"),
+    ("matrix products", r"decode_linear|gemm|nvjet|cutlass|xmma|cublas|matmul|splitKreduce|_mm_|wgmma|sm90_|sm80_"),
     ("norms/reductions", r"^triton_(red|per)_|reduce_kernel|Reduce|reduction|softmax|welford|norm_kernel"),
     (
         "copies/casts",

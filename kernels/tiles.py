@@ -10,8 +10,13 @@ Keys:
   block_v_state, block_v_bwd, num_warps, bwd_warps, num_stages (taylor_linear_attn Plan arguments).
 - SLIDING_WINDOW_TILES[kind][(window, D)]: window and head dim, exact match. Fields: block_m, block_n,
   num_warps, num_stages, bwd, bwd_block_m, bwd_block_n, bwd_warps (sliding_window Plan arguments).
+- DECODE_LINEAR_TILES[kind][(K, N)]: a decode step's weight shape [N, K], exact match. Fields: block_n,
+  block_k, num_stages, num_warps, and max_rows: the most rows of x it measured faster at (decode_linear).
+  Unlike the others, a shape without an entry does not run
+  the Triton kernel at all (decode_linear's backend "auto" then takes cuBLAS): only shapes where the kernel
+  measured faster are listed.
 
-`python bench/kernels.py --sweep` prints the entries it finds for the device it runs on, in this format.
+`python bench/kernels.py --sweep` (and `python bench/decode_linear.py`) prints the entries it finds for the device it runs on, in this format.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 LA_FIELDS = ("chunk_size", "block_f", "block_v", "block_v_state", "block_v_bwd", "num_warps", "bwd_warps",
              "num_stages")
 SWA_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "bwd", "bwd_block_m", "bwd_block_n", "bwd_warps")
+DL_FIELDS = ("block_n", "block_k", "num_stages", "num_warps", "max_rows")
 DEVICE_KINDS = ("H100", "H200", "default")
 
 # The H100 entries are the Plans' built-in defaults (its sweeps picked them), so the table holds none.
@@ -40,6 +46,24 @@ SLIDING_WINDOW_TILES: dict[str, dict[tuple[int, int], dict]] = {
     "H200": {
         (64, 128): {"block_m": 64, "block_n": 32},
         (128, 64): {"block_m": 64, "block_n": 32},
+    },
+    "default": {},
+}
+
+DECODE_LINEAR_TILES: dict[str, dict[tuple[int, int], dict]] = {
+    "H100": {},
+    # python bench/decode_linear.py on one H200, torch 2.11.0+cu130, 2026-12-01 (docs/PERFORMANCE.md): the shapes of
+    # the three 1.3B configs where the best tile beat cuBLAS by >= 3% at 1 row (max_rows 1) or at 1 and 16 rows
+    "H200": {
+        (128, 4096): {"block_n": 16, "block_k": 128, "num_stages": 5, "num_warps": 4, "max_rows": 16},
+        (1680, 1680): {"block_n": 16, "block_k": 512, "num_stages": 3, "num_warps": 4, "max_rows": 1},
+        (1680, 50272): {"block_n": 64, "block_k": 256, "num_stages": 3, "num_warps": 4, "max_rows": 1},
+        (1792, 256): {"block_n": 16, "block_k": 512, "num_stages": 3, "num_warps": 4, "max_rows": 16},
+        (1792, 1792): {"block_n": 16, "block_k": 512, "num_stages": 3, "num_warps": 4, "max_rows": 16},
+        (1792, 50264): {"block_n": 64, "block_k": 256, "num_stages": 3, "num_warps": 4, "max_rows": 16},
+        (2048, 50288): {"block_n": 64, "block_k": 256, "num_stages": 3, "num_warps": 4, "max_rows": 16},
+        (3584, 1792): {"block_n": 16, "block_k": 512, "num_stages": 3, "num_warps": 4, "max_rows": 16},
+        (4096, 2048): {"block_n": 16, "block_k": 512, "num_stages": 3, "num_warps": 4, "max_rows": 16},
     },
     "default": {},
 }
@@ -99,3 +123,9 @@ def sliding_window_tiles(device: torch.device | str, window: int, head_dim: int,
     key = (window, head_dim)
     return _merge(SWA_FIELDS, explicit, SLIDING_WINDOW_TILES.get(kind, {}).get(key, {}),
                   SLIDING_WINDOW_TILES["default"].get(key, {}))
+
+
+def decode_linear_tiles(device: torch.device | str, k: int, n: int) -> dict:
+    """decode_linear's tiles for weight [N, K] on this device kind; {} where the kind has no entry (cuBLAS)."""
+    entry = DECODE_LINEAR_TILES.get(device_kind(device), {}).get((k, n), {})
+    return {name: entry[name] for name in DL_FIELDS if name in entry}

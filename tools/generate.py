@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ if __package__ in (None, ""):
 
 from based_layers.mixers.attention import CausalSelfAttention  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.decode_linear import decode_linear  # noqa: E402
+from kernels.tiles import decode_linear_tiles  # noqa: E402
 
 ATTENTION_BUCKET = 128
 # what StaticKVAttention attends the cache with (see its docstring)
@@ -302,10 +305,68 @@ def _head_step(model, h: torch.Tensor, vocab: int, greedy: bool):
     return logits, (logits[:, :vocab].argmax(-1) if greedy else None)
 
 
-_COMPILED: dict[str, tuple] = {}
+class _DecodeLinear(nn.Module):
+    """A Linear layer's parameters on decode_linear (backend "auto": our kernel where kernels/tiles.py lists the
+    shape, else cuBLAS). A separate module object, not a class swap of the nn.Linear: Dynamo remembers what it
+    traced for a module object, so the same object must not change its forward between compiled steps."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias)
 
 
-def compiled_regions(mode: str) -> tuple:
+# one _DecodeLinear per nn.Linear for the layer's lifetime: every StaticStep of a model swaps in the same objects,
+# so its compiled regions' guards hold across steps and batch sizes (new objects could mean a recompile each)
+_DECODE_LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decode_linear_of(linear: nn.Linear) -> _DecodeLinear:
+    fast = _DECODE_LINEARS.get(linear)
+    if fast is None or fast.weight is not linear.weight or fast.bias is not linear.bias:
+        fast = _DECODE_LINEARS[linear] = _DecodeLinear(linear)
+    return fast
+
+
+def decode_linear_layers(model) -> list[tuple[nn.Module, str, nn.Linear, _DecodeLinear]]:
+    """(parent, attribute, nn.Linear, its _DecodeLinear) for the model's Linear layers whose weight shape has a
+    decode_linear entry on their device kind."""
+    return [(parent, name, child, _decode_linear_of(child)) for parent in model.modules()
+            for name, child in parent.named_children() if type(child) is nn.Linear
+            and decode_linear_tiles(child.weight.device, child.in_features, child.out_features)]
+
+
+@contextlib.contextmanager
+def decode_linears(swaps: list[tuple[nn.Module, str, nn.Linear, _DecodeLinear]]):
+    """While active, each listed Linear layer is replaced in its parent by its _DecodeLinear (put back after)."""
+    for parent, name, _, fast in swaps:
+        setattr(parent, name, fast)
+    try:
+        yield
+    finally:
+        for parent, name, linear, _ in swaps:
+            setattr(parent, name, linear)
+
+
+def _block_step_fast(block, x: torch.Tensor, state: dict):
+    """_block_step with the listed Linear layers swapped to _DecodeLinear: its own code object, so that Dynamo
+    keeps its compiled graphs apart from _block_step's (its guards need not see the module's class)."""
+    return _block_step(block, x, state)
+
+
+def _head_step_fast(model, h: torch.Tensor, vocab: int, greedy: bool):
+    """_head_step under the swap (see _block_step_fast)."""
+    return _head_step(model, h, vocab, greedy)
+
+
+_COMPILED: dict[tuple[str, bool], tuple] = {}
+
+
+def compiled_regions(mode: str, fast_linears: bool = False) -> tuple:
     """(block step, head step) compiled by torch.compile with `mode` ("default", "max-autotune-no-cudagraphs", ...;
     "dynamo" traces with the eager backend).
 
@@ -313,9 +374,11 @@ def compiled_regions(mode: str) -> tuple:
     mixer type (and once more when the batch size first changes, then with a dynamic batch) and reuses it for
     every layer of that type. Inside a region inductor fuses the residual adds, the fp32 RMSNorms and their
     casts, the MLP gate and the mixers' elementwise work around the matrix products and the mixer kernels.
-    Not "reduce-overhead": StaticStep captures the CUDA graph itself, over the whole step.
+    Not "reduce-overhead": StaticStep captures the CUDA graph itself, over the whole step. `fast_linears`: the
+    regions StaticStep runs with the decode_linear swap (separate functions, so separate compiled graphs).
     """
-    if mode not in _COMPILED:
+    key = (mode, fast_linears)
+    if key not in _COMPILED:
         import torch._dynamo
 
         # 3 mixer types (Based) + attention + Mamba regions, each static then dynamic, across contexts
@@ -323,8 +386,9 @@ def compiled_regions(mode: str) -> tuple:
         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
         # "dynamo": Dynamo's tracing and graph breaks with the eager backend (no inductor; fast, for CPU tests)
         options = {"backend": "eager"} if mode == "dynamo" else {"mode": mode}
-        _COMPILED[mode] = (torch.compile(_block_step, **options), torch.compile(_head_step, **options))
-    return _COMPILED[mode]
+        block, head = (_block_step_fast, _head_step_fast) if fast_linears else (_block_step, _head_step)
+        _COMPILED[key] = (torch.compile(block, **options), torch.compile(head, **options))
+    return _COMPILED[key]
 
 
 class StaticStep:
@@ -338,12 +402,15 @@ class StaticStep:
     `warm_up_restores=False` restores only the integer bookkeeping (positions, lengths, the token) around the
     warm-up step before a capture, not the floating-point state (which then holds one more token): for
     benchmarks, where the values do not matter and a copy of the whole state would not fit at the largest
-    batches.
+    batches. `fast_linears` runs the Linear layers whose shapes kernels/tiles.py lists on decode_linear
+    (measured faster than cuBLAS at a decode step's few rows; nothing changes where the table has no entry).
     """
 
     def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True,
-                 compile_mode: str | None = None, greedy: bool = False, warm_up_restores: bool = True) -> None:
+                 compile_mode: str | None = None, greedy: bool = False, warm_up_restores: bool = True,
+                 fast_linears: bool = True) -> None:
         self.model = model
+        self.linears = decode_linear_layers(model) if fast_linears else []
         self.warm_up_restores = warm_up_restores
         self.state = state
         self.use_graphs = use_graphs
@@ -367,7 +434,7 @@ class StaticStep:
         if self.compile_mode is None:
             logits, new_state = self.model.step(self.token, self.state)
             return logits, (logits[:, : self.vocab].argmax(-1) if self.greedy else None), new_state
-        block_step, head_step = compiled_regions(self.compile_mode)
+        block_step, head_step = compiled_regions(self.compile_mode, bool(self.linears))
         h = self.model.transformer.embeddings(self.token)
         new_state = []
         for block, layer_state in zip(self.model.transformer.layers.values(), self.state, strict=True):
@@ -377,7 +444,8 @@ class StaticStep:
         return logits, token, new_state
 
     def _body(self) -> torch.Tensor:
-        logits, token, new_state = self._forward()
+        with decode_linears(self.linears):
+            logits, token, new_state = self._forward()
         # a tensor the mixer updated in place comes back as itself: nothing to copy
         for static, fresh in zip(_flat(self.state), _flat(new_state), strict=True):
             if static is not fresh:

@@ -432,3 +432,41 @@ def test_compiled_step_on_the_triton_mixers_has_no_graph_break():
     assert torch.stack(tokens, 1).tolist() == expected.tokens
     torch.testing.assert_close(torch.stack(outs, 1)[..., :200], expected.logits[:, 1:], **TRITON_TOL)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_static_step_runs_listed_linears_on_decode_linear(monkeypatch):
+    """StaticStep(fast_linears=True) runs the Linear layers whose shapes kernels/tiles.py lists on decode_linear
+    (the Triton kernel: the interpreter on CPU), through Dynamo with no graph break: the same logits as the
+    cuBLAS/torch step within bf16 rounding, the kernel launched for every listed layer, and the layers plain
+    nn.Linear again after the step."""
+    pytest.importorskip("triton")
+    import torch._dynamo
+
+    from kernels import tiles
+    from kernels.decode_linear import triton_impl
+
+    model = tiny_model("based").to(TRITON_DEVICE, torch.bfloat16)
+    listed = {(m.in_features, m.out_features) for m in model.modules() if type(m) is torch.nn.Linear
+              and m is not model.lm_head}
+    entry = {"block_n": 16, "block_k": 32, "num_stages": 2, "num_warps": 4, "max_rows": 16}
+    monkeypatch.setitem(tiles.DECODE_LINEAR_TILES, tiles.device_kind(TRITON_DEVICE),
+                        dict.fromkeys(sorted(listed), entry))
+    launches = []
+    real = triton_impl.decode_linear_triton
+    monkeypatch.setattr(triton_impl, "decode_linear_triton", lambda *a, **k: launches.append(1) or real(*a, **k))
+    ids, docs = left_pad(_prompts(), 5, TRITON_DEVICE)
+    tokens = torch.randint(0, 200, (4, 3), generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+    outs = {}
+    n_listed = sum(1 for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head)
+    torch._dynamo.utils.counters.clear()
+    for fast in (False, True, False):  # each way in one process: the compiled regions must not be shared
+        launches.clear()
+        with torch.inference_mode():
+            _, state = model.prefill(ids, docs)
+            with static_attention(model, state, ids.shape[1] + 4) as static_state:
+                step = StaticStep(model, static_state, 3, use_graphs=False, compile_mode="dynamo", fast_linears=fast)
+                outs[fast] = torch.stack([step(t).float() for t in tokens])
+        assert len(launches) == (n_listed * len(tokens) if fast else 0)
+        assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    torch.testing.assert_close(outs[True], outs[False], rtol=3e-2, atol=3e-2)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

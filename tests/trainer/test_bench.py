@@ -99,6 +99,8 @@ KERNELS = {
     "_fwd_kernel": "mixer kernels",
     "_bwd_dkdv_kernel": "mixer kernels",
     "_bwd_k3_kernel": "mixer kernels",
+    "_bwd_k3_rows_kernel": "mixer kernels",
+    "_decode_linear_kernel": "matrix products",
     "_state_pass_kernel": "mixer kernels",
     "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>": "mixer kernels",
     "_rms_norm_fwd_kernel": "norms/reductions",
@@ -127,3 +129,27 @@ def test_breakdown_sums_per_step_by_category():
     assert set(got["ms"]) == set(CATEGORIES)
     assert (got["ms"]["matrix products"], got["ms"]["mixer kernels"], got["ms"]["other"]) == (3.0, 1.0, 0.5)
     assert got["kernels"]["copies/casts"] == [("Memset (Device)", 0.5)]
+
+
+def test_decode_linear_bench_lists_the_published_shapes_and_keeps_only_tiles_that_win():
+    """bench/decode_linear.py: the weight shapes come from the 1.3B configs (with their users), and a table
+    entry takes the tile that beats cuBLAS by 3% at the most row counts (max_rows), none where no tile does."""
+    from bench.decode_linear import table_entry, weight_shapes
+
+    shapes = weight_shapes(["based"])
+    assert len(shapes[(1792, 7168, True)]) == 22  # the short-conv in_proj of the 22 base_conv layers
+    assert len(shapes[(3584, 1792, False)]) == 36  # every MLP's fc2
+    assert (1792, 50264, False) in shapes  # the head, vocabulary padded to a multiple of 8
+
+    def tile(block_n, us):
+        return {"block_n": block_n, "block_k": 256, "num_stages": 3, "num_warps": 4, "us": us}
+
+    result = {"rows": {1: {"cublas_us": 10.0, "tiles": [tile(16, 9.0), tile(32, 9.5)]},
+                       16: {"cublas_us": 10.0, "tiles": [tile(32, 9.6), tile(16, 9.9)]}}}
+    entry = table_entry(result)
+    assert (entry["block_n"], entry["max_rows"]) == (32, 16)  # 16 wins only at one row
+    result["rows"][16]["tiles"] = [tile(32, 9.8), tile(16, 9.9)]
+    entry = table_entry(result)
+    assert (entry["block_n"], entry["max_rows"]) == (16, 1)  # both win at one row only: the faster one
+    result["rows"][1]["tiles"] = [tile(16, 9.8)]
+    assert table_entry(result) is None

@@ -1,0 +1,86 @@
+"""Linear layer for the few rows of a decode step: y = x W^T + b with the weights streamed once.
+
+    decode_linear(x, weight, bias=None, backend="auto")
+
+x [..., K] (at most 16 rows for the Triton kernel: the batch of a decode step), weight [N, K], bias [N] or
+None; returns [..., N] in x's dtype. backend "auto" runs the Triton kernel where kernels/tiles.py has a
+measured entry for (K, N) on this device kind (the shapes where it beat cuBLAS, bench/decode_linear.py) and
+the rows, dtypes and device allow it, else torch's linear; "triton" forces the kernel (the table's tiles, or
+the given/built-in ones); "reference" is torch's linear. Differentiable (the backward is torch's products).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._common import check_backend, check_same_device, check_tensor, interpreting
+from ..tiles import decode_linear_tiles
+from .reference import decode_linear_reference
+
+__all__ = ["DEFAULT_TILES", "decode_linear", "decode_linear_reference", "triton_applies"]
+
+_OP = "decode_linear"
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+MAX_ROWS = 16
+DEFAULT_TILES = {"block_n": 16, "block_k": 256, "num_stages": 4, "num_warps": 4}
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def triton_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True where backend="auto" runs the Triton kernel: a table entry for (K, N) on this device kind, half
+    precision weights and x, at most 16 rows, CUDA tensors (or the interpreter)."""
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16) or _rows(x) > MAX_ROWS:
+        return False
+    if bias is not None and bias.dtype != weight.dtype:
+        return False
+    if not (x.is_cuda or interpreting()):
+        return False
+    entry = decode_linear_tiles(x.device, weight.shape[1], weight.shape[0])
+    return bool(entry) and _rows(x) <= entry.get("max_rows", MAX_ROWS)
+
+
+def _check(x, weight, bias) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{_OP}: x must be a tensor [..., K]")
+    check_tensor(_OP, "weight", weight, 2, _FLOATS)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{_OP}: x [..., K] and weight [N, K] disagree on K: {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(_OP, "bias", bias, 1, _FLOATS)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{_OP}: bias must be [N] = [{weight.shape[0]}]; got {tuple(bias.shape)}")
+    check_same_device(_OP, x=x, weight=weight, bias=bias)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto",
+                  **tiles) -> torch.Tensor:
+    """See the module docstring; `tiles` (block_n, block_k, num_stages, num_warps) override the table."""
+    _check(x, weight, bias)
+    if backend == "auto":
+        backend = "triton" if triton_applies(x, weight, bias) else "reference"
+    check_backend(_OP, backend, *(t for t in (x, weight, bias) if t is not None))
+    if backend == "reference":
+        return decode_linear_reference(x, weight, bias)
+    rows = _rows(x)
+    if rows > MAX_ROWS or x.dtype not in _TRITON_FLOATS or weight.dtype != x.dtype:
+        raise ValueError(f"{_OP}: backend='triton' takes at most {MAX_ROWS} rows of x in weight's dtype (fp32, "
+                         f"bf16 or fp16); got {rows} rows, x {x.dtype}, weight {weight.dtype}. Use backend='auto' "
+                         "or 'reference'.")
+    merged = dict(DEFAULT_TILES, **decode_linear_tiles(x.device, weight.shape[1], weight.shape[0]))
+    merged.update({k: v for k, v in tiles.items() if v is not None})
+    unknown = set(merged) - set(DEFAULT_TILES) - {"max_rows"}
+    if unknown:
+        raise ValueError(f"{_OP}: unknown tile fields {sorted(unknown)}; expected {sorted(DEFAULT_TILES)}")
+    from . import ops
+
+    x2 = x.reshape(rows, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    y = ops.decode_linear_op(x2, weight.contiguous(), bias, merged["block_n"], merged["block_k"],
+                             merged["num_stages"], merged["num_warps"])
+    return y.reshape(*x.shape[:-1], weight.shape[0])

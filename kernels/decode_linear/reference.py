@@ -1,0 +1,11 @@
+"""Plain-PyTorch reference of decode_linear: y = x W^T + b."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K], weight [N, K], bias [N] or None -> [..., N] (torch's linear, cuBLAS on a GPU)."""
+    return F.linear(x, weight, bias)

@@ -1,0 +1,67 @@
+"""Triton kernel of decode_linear: y [M, N] = x [M, K] W[N, K]^T (+ b) for the few rows of a decode step.
+
+At M <= 16 the product is a stream of the weights (2 bytes per weight, 1-16 rows of x). cuBLAS runs these
+shapes at 1.6-2.7 TB/s on the H200 (bench/profile_decode.py, docs/PERFORMANCE.md: 64x8 tiles, split-K with a
+second reduction kernel at N 1792). Here one program owns BN output columns over all of K: the x tile is
+padded to 16 rows so the product runs on the tensor cores, and the K loop is software-pipelined
+(num_stages) so that each program keeps several weight tiles in flight, which is what sets the bandwidth of
+a stream with one pass over every byte. No split-K, so no partial sums and one launch per product.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import interpreting, new_output
+
+BLOCK_M = 16
+MAX_ROWS = 16
+
+
+@triton.jit
+def _decode_linear_kernel(X, W, B, Y, M, N, K, sxm, swn, sym,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          EVEN_K: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BK)
+        if EVEN_K:
+            x = tl.load(X + offs_m[:, None] * sxm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+            w = tl.load(W + offs_n[:, None].to(tl.int64) * swn + offs_k[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = offs_k < K
+            x = tl.load(X + offs_m[:, None] * sxm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            w = tl.load(W + offs_n[:, None].to(tl.int64) * swn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if EMULATE:  # the interpreter's bf16 dot multiplies raw bit patterns (see taylor_linear_attn's _mm)
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:  # fp32 inputs exact (not tf32); half inputs on the tensor cores as they are
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, block_n: int,
+                         block_k: int, num_stages: int, num_warps: int) -> torch.Tensor:
+    """x [M, K] (M <= 16, unit last stride), weight [N, K] contiguous, bias [N] or None -> y [M, N]."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    y = new_output((rows, n), x.dtype, x.device)
+    if rows == 0 or n == 0:
+        return y
+    grid = (triton.cdiv(n, block_n),)
+    _decode_linear_kernel[grid](x, weight, bias if bias is not None else weight, y, rows, n, k, x.stride(0),
+                                weight.stride(0), y.stride(0), BM=BLOCK_M, BN=block_n, BK=block_k,
+                                HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, STAGES=num_stages,
+                                EMULATE=interpreting(), num_warps=num_warps)
+    return y

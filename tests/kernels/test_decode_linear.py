@@ -1,0 +1,107 @@
+"""decode_linear (the decode step's Linear layers): the Triton kernel against the float64 reference, the
+custom op's opcheck, the table-driven choice of backend "auto", and the errors on bad input."""
+
+import pytest
+import torch
+from kernel_checks import DEVICE, check_output_and_grads, leaves
+
+pytest.importorskip("triton")
+
+from kernels import tiles  # noqa: E402
+from kernels.decode_linear import (  # noqa: E402
+    decode_linear,
+    decode_linear_reference,
+    triton_applies,
+    triton_impl,  # noqa: E402
+)
+from kernels.decode_linear import ops as dl_ops  # noqa: E402
+
+# (rows, K, N, bias): one row (batch 1), odd K and N that no tile divides, the 16-row maximum
+CASES = [(1, 96, 40, True), (5, 100, 33, False), (16, 64, 48, True), (3, 37, 17, True)]
+TILES = {"block_n": 16, "block_k": 32, "num_stages": 2, "num_warps": 4}
+
+
+def case_id(case) -> str:
+    rows, k, n, bias = case
+    return f"M{rows}-K{k}-N{n}" + ("-bias" if bias else "")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_and_gradients_match_float64(case, dtype):
+    rows, k, n, has_bias = case
+    torch.manual_seed(rows + k + n)
+    tensors = [torch.randn(rows, k, device=DEVICE), torch.randn(n, k, device=DEVICE) / k**0.5]
+    if has_bias:
+        tensors.append(torch.randn(n, device=DEVICE))
+    low, high = leaves(tensors, dtype)
+    y = decode_linear(*low, backend="triton", **TILES)
+    check_output_and_grads(y, decode_linear_reference(*high), low, high, dtype,
+                           ["dx", "dweight", "dbias"][: len(low)])
+
+
+def test_leading_dims_are_kept_and_every_output_is_written():
+    """x [B, 1, K] (a decode step's shape) gives [B, 1, N]; kernel outputs start as NaN in the tests
+    (BASED_KERNELS_FILL_NAN), so an unwritten element would fail the comparison."""
+    x, w = torch.randn(4, 1, 50, device=DEVICE), torch.randn(70, 50, device=DEVICE)
+    y = decode_linear(x, w, backend="triton", **TILES)
+    assert y.shape == (4, 1, 70)
+    torch.testing.assert_close(y, decode_linear_reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("has_bias", [False, True], ids=["no-bias", "bias"])
+def test_opcheck(has_bias):
+    x = torch.randn(3, 40, device=DEVICE, requires_grad=True)
+    w = torch.randn(24, 40, device=DEVICE, requires_grad=True)
+    b = torch.randn(24, device=DEVICE, requires_grad=True) if has_bias else None
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+             "test_aot_dispatch_dynamic")
+    result = torch.library.opcheck(dl_ops.decode_linear_op, (x, w, b, 16, 32, 2, 4), test_utils=tests)
+    assert result == dict.fromkeys(tests, "SUCCESS"), result
+
+
+def _count_kernel_calls(monkeypatch) -> list:
+    calls = []
+    real = triton_impl.decode_linear_triton
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_impl, "decode_linear_triton", counting)
+    return calls
+
+
+def test_auto_takes_the_kernel_only_where_the_table_lists_the_shape(monkeypatch):
+    """backend "auto": torch's linear without an entry; the kernel with the entry's tiles for half-precision
+    inputs up to the entry's max_rows; torch's linear for fp32, for more rows, and for other shapes."""
+    calls = _count_kernel_calls(monkeypatch)
+    w = torch.randn(48, 64, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(2, 64, device=DEVICE, dtype=torch.bfloat16)
+    decode_linear(x, w)
+    assert calls == []
+    kind = tiles.device_kind(DEVICE)
+    entry = {"block_n": 32, "block_k": 64, "num_stages": 2, "num_warps": 4, "max_rows": 4}
+    monkeypatch.setitem(tiles.DECODE_LINEAR_TILES, kind, {(64, 48): entry})
+    assert triton_applies(x, w, None)
+    y = decode_linear(x, w)
+    assert len(calls) == 1 and calls[0]["block_n"] == 32 and calls[0]["block_k"] == 64
+    torch.testing.assert_close(y.float(), decode_linear_reference(x, w).float(), rtol=2e-2, atol=2e-2)
+    decode_linear(torch.randn(5, 64, device=DEVICE, dtype=torch.bfloat16), w)  # 5 rows > max_rows 4
+    decode_linear(x.float(), w.float())  # fp32: no entry applies
+    decode_linear(torch.randn(2, 48, device=DEVICE, dtype=torch.bfloat16), w.t().contiguous())  # (48, 64)
+    assert len(calls) == 1
+
+
+def test_bad_input_is_named():
+    w = torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="disagree on K"):
+        decode_linear(torch.randn(2, 15, device=DEVICE), w)
+    with pytest.raises(ValueError, match=r"bias must be \[N\] = \[8\]"):
+        decode_linear(torch.randn(2, 16, device=DEVICE), w, torch.randn(7, device=DEVICE))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        decode_linear(torch.randn(17, 16, device=DEVICE), w, backend="triton")
+    with pytest.raises(ValueError, match="unknown tile fields"):
+        decode_linear(torch.randn(2, 16, device=DEVICE), w, backend="triton", block_m=16)
+    with pytest.raises(ValueError, match="backend="):
+        decode_linear(torch.randn(2, 16, device=DEVICE), w, backend="cublas")
