@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from based_layers import build_model  # noqa: E402
 from based_layers.mixers import CausalSelfAttention  # noqa: E402
+from tools import generate as tools_generate  # noqa: E402
 from tools.generate import ATTENTION_BUCKET, StaticKVAttention, StaticStep, static_attention  # noqa: E402
 from tools.model_io import model_config_from_dict  # noqa: E402
 
@@ -70,8 +71,6 @@ FIT_MARGIN_BYTES = 3 * GIB
 GRAPH_CHECK_RESERVE_S = 30
 # share of the time budget (after the probe) for the decode grids; the rest is for the "most sequences" phase
 FIT_PHASE_SHARE_GRID = 0.75
-# --linears table: the decode step runs decode_linear at the shapes kernels/tiles.py lists (StaticStep's default)
-FAST_LINEARS = [True]
 
 
 def model_config(name: str, backend: str, mamba_backend: str = "reference"):
@@ -261,7 +260,6 @@ def bench_decode(
             compile_mode=compile_mode,
             greedy=True,
             warm_up_restores=False,
-            fast_linears=FAST_LINEARS[0],
         )
         setup = _sync_seconds(lambda: step(first))  # compiles and captures: not timed
         capture = 0.0
@@ -1035,7 +1033,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "generation.json")
     args = parser.parse_args(argv)
-    FAST_LINEARS[0] = args.linears == "table"
     if args.quick:
         args.batches, args.contexts, args.steps, args.fit_tries, args.prefill_batches = (
             "1,16",
@@ -1061,6 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/generation.py needs a CUDA GPU", file=sys.stderr)
         return 1
+    tools_generate.FAST_LINEARS = args.linears == "table"  # every StaticStep of the run: grid, graph check, fit
     start = time.perf_counter()
     results = run(args)
     results["wall_seconds"] = time.perf_counter() - start

@@ -232,35 +232,30 @@ def bench_short_conv(ceil, rows: list) -> None:
                     t = try_time("k3 tile", lambda u, w: short_conv_gated(*u.chunk(2, -1), w), [u, w])
                 print(f"  sweep conv {name} K3 backward BT{block_t} BC{block_c} warps {warps} "
                       f"channels_first {channels_first}: {_fmt(t)}", flush=True)
-            for rows_, block_c, warps, prefetch in CONV_K3_ROWS:
-                with _conv_backward(mode="rows", rows=rows_, rows_block_c=block_c, rows_warps=warps,
-                                    rows_prefetch=prefetch):
+            for rows_, block_c, warps in CONV_K3_ROWS:
+                with _conv_backward(mode="rows", rows=rows_, rows_block_c=block_c, rows_warps=warps):
                     t = try_time("k3 rows", lambda u, w: short_conv_gated(*u.chunk(2, -1), w), [u, w])
-                print(f"  sweep conv {name} K3 backward rows {rows_} BC{block_c} warps {warps} prefetch {prefetch}: "
-                      f"{_fmt(t)}", flush=True)
+                print(f"  sweep conv {name} K3 backward rows {rows_} BC{block_c} warps {warps}: {_fmt(t)}", flush=True)
 
 
 # (block_t, block_c, warps, channels_first) of the kernel-size-3 backward timed by --sweep ("conv" in --only)
 CONV_K3_TILES = ((64, 32, 4, False), (64, 32, 4, True), (32, 32, 2, False))
-# (rows, block_c, warps, prefetch) of the row-walking kernel-size-3 backward (K3_MODE "rows", the default) timed
-# by the same sweep (H200, 2026-12-01 without prefetch, f+b ms: 32 x 512 / 4 warps 0.846, 64 x 512 1.047)
-CONV_K3_ROWS = ((32, 512, 4, False), (32, 512, 4, True), (32, 256, 4, False), (32, 256, 4, True),
-                (64, 512, 4, True), (64, 256, 4, True), (32, 1024, 8, False), (32, 1024, 8, True),
-                (16, 512, 4, True))
+# (rows, block_c, warps) of the row-walking kernel-size-3 backward (K3_MODE "rows", the default) timed by the same
+# sweep (H200, 2026-12-01, f+b ms: 32 x 512 / 4 warps 0.846, 64 x 512 1.047, 32 x 1024 / 8 warps 1.122)
+CONV_K3_ROWS = ((32, 512, 4), (64, 512, 4), (32, 256, 4), (16, 512, 4), (128, 512, 4))
 CONV_TILE_SWEEP = [False]
 
 
 @contextlib.contextmanager
 def _conv_backward(use_k3: bool = True, block_t: int | None = None, block_c: int | None = None,
                    warps: int | None = None, channels_first: bool | None = None, mode: str | None = None,
-                   rows: int | None = None, rows_block_c: int | None = None, rows_warps: int | None = None,
-                   rows_prefetch: bool | None = None):
+                   rows: int | None = None, rows_block_c: int | None = None, rows_warps: int | None = None):
     """Run the short-conv backward with another kernel or tile for the duration of the block."""
     from kernels.short_conv import triton_impl
 
     names = ("USE_K3", "K3_BLOCK_T", "K3_BLOCK_C", "K3_WARPS", "K3_CHANNELS_FIRST", "K3_MODE", "K3_ROWS",
-             "K3_ROWS_BLOCK_C", "K3_ROWS_WARPS", "K3_ROWS_PREFETCH")
-    values = (use_k3, block_t, block_c, warps, channels_first, mode, rows, rows_block_c, rows_warps, rows_prefetch)
+             "K3_ROWS_BLOCK_C", "K3_ROWS_WARPS")
+    values = (use_k3, block_t, block_c, warps, channels_first, mode, rows, rows_block_c, rows_warps)
     saved = [getattr(triton_impl, n) for n in names]
     for name, value in zip(names, values, strict=True):
         if value is not None:

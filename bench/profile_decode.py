@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.generation import make_model, mamba_ssm_error  # noqa: E402
-from bench.profile_step import categorize  # noqa: E402
+from bench.profile_step import breakdown  # noqa: E402
+from tools import generate as tools_generate  # noqa: E402
 from tools.generate import StaticStep, static_attention  # noqa: E402
 
 
@@ -39,14 +40,13 @@ def _prefilled_state(model, batch: int, prompt_len: int):
     return logits[:, -1].argmax(-1), state
 
 
-def kernel_table(model, batch: int, prompt_len: int, steps: int, compile_mode: str | None = None,
-                 fast_linears: bool = True) -> tuple[list[dict], float]:
+def kernel_table(model, batch: int, prompt_len: int, steps: int, compile_mode: str | None = None
+                 ) -> tuple[list[dict], float]:
     """Per kernel name: calls and GPU microseconds per step, over `steps` eager static steps."""
     token, state = _prefilled_state(model, batch, prompt_len)
     capacity = prompt_len + 2 * steps + 2
     with torch.inference_mode(), static_attention(model, state, capacity) as static_state:
-        step = StaticStep(model, static_state, batch, use_graphs=False, compile_mode=compile_mode, greedy=True,
-                          fast_linears=fast_linears)
+        step = StaticStep(model, static_state, batch, use_graphs=False, compile_mode=compile_mode, greedy=True)
         step(token)  # warm-up: Triton and torch.compile compile outside the profile
         step()
         torch.cuda.synchronize()
@@ -67,13 +67,11 @@ def kernel_table(model, batch: int, prompt_len: int, steps: int, compile_mode: s
     return rows, sum(r["us_per_step"] for r in rows)
 
 
-def graph_step_ms(model, batch: int, prompt_len: int, steps: int, compile_mode: str | None = None,
-                  fast_linears: bool = True) -> float:
+def graph_step_ms(model, batch: int, prompt_len: int, steps: int, compile_mode: str | None = None) -> float:
     """Mean ms of one CUDA-graph step replay (capture excluded)."""
     token, state = _prefilled_state(model, batch, prompt_len)
     with torch.inference_mode(), static_attention(model, state, prompt_len + steps + 2) as static_state:
-        step = StaticStep(model, static_state, batch, use_graphs=True, compile_mode=compile_mode, greedy=True,
-                          fast_linears=fast_linears)
+        step = StaticStep(model, static_state, batch, use_graphs=True, compile_mode=compile_mode, greedy=True)
         step(token)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -102,15 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     # Mamba on mamba-ssm's step kernels where they import
     model = make_model(args.config, "triton", mamba_backend="reference" if mamba_ssm_error() else "mamba_ssm")
     compile_mode = None if args.compile == "off" else args.compile
-    fast = args.linears == "table"
-    rows, kernel_us = kernel_table(model, args.batch, args.prompt_len, args.steps, compile_mode, fast)
-    graph_ms = graph_step_ms(model, args.batch, args.prompt_len, args.steps, compile_mode, fast)
+    tools_generate.FAST_LINEARS = args.linears == "table"
+    rows, kernel_us = kernel_table(model, args.batch, args.prompt_len, args.steps, compile_mode)
+    graph_ms = graph_step_ms(model, args.batch, args.prompt_len, args.steps, compile_mode)
     calls = sum(r["calls_per_step"] for r in rows)
     print(f"{args.config} batch {args.batch}: graph step {graph_ms:.3f} ms; GPU kernel time {kernel_us / 1e3:.3f} ms "
           f"per step in {calls:.0f} kernels ({kernel_us / 1e3 / graph_ms:.0%} of the step)")
-    by_category: dict[str, float] = defaultdict(float)
-    for r in rows:
-        by_category[categorize(r["kernel"])] += r["us_per_step"]
+    by_category = {cat: ms * 1e3 for cat, ms in breakdown({r["kernel"]: r["us_per_step"] for r in rows}, 1)["ms"].items()
+                   if ms}
     print("by category (us/step): " + ", ".join(f"{cat} {us:.1f}" for cat, us in
                                                  sorted(by_category.items(), key=lambda kv: -kv[1])))
     print("| kernel | calls/step | us/step | share of kernel time |\n|---|---|---|---|")
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "compile": compile_mode, "linears": args.linears,
                                     "steps": args.steps, "device": torch.cuda.get_device_name(),
                                     "graph_step_ms": graph_ms, "kernel_us_per_step": kernel_us,
-                                    "by_category_us": dict(by_category),
+                                    "by_category_us": by_category,
                                     "kernels": rows}, indent=1))
     return 0
 

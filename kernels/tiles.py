@@ -125,7 +125,9 @@ def sliding_window_tiles(device: torch.device | str, window: int, head_dim: int,
                   SLIDING_WINDOW_TILES["default"].get(key, {}))
 
 
-def decode_linear_tiles(device: torch.device | str, k: int, n: int) -> dict:
-    """decode_linear's tiles for weight [N, K] on this device kind; {} where the kind has no entry (cuBLAS)."""
-    entry = DECODE_LINEAR_TILES.get(device_kind(device), {}).get((k, n), {})
-    return {name: entry[name] for name in DL_FIELDS if name in entry}
+def decode_linear_tiles(device: torch.device | str, k: int, n: int, **explicit) -> dict:
+    """decode_linear's tiles for weight [N, K]: `explicit` (None = not given) over the table; {} where neither
+    sets anything (decode_linear's backend "auto" then takes cuBLAS)."""
+    key = (k, n)
+    return _merge(DL_FIELDS, explicit, DECODE_LINEAR_TILES.get(device_kind(device), {}).get(key, {}),
+                  DECODE_LINEAR_TILES["default"].get(key, {}))

@@ -364,6 +364,8 @@ def _head_step_fast(model, h: torch.Tensor, vocab: int, greedy: bool):
 
 
 _COMPILED: dict[tuple[str, bool], tuple] = {}
+# StaticStep's default for `fast_linears` (benches set it False to time cuBLAS everywhere, e.g. --linears cublas)
+FAST_LINEARS = True
 
 
 def compiled_regions(mode: str, fast_linears: bool = False) -> tuple:
@@ -402,15 +404,17 @@ class StaticStep:
     `warm_up_restores=False` restores only the integer bookkeeping (positions, lengths, the token) around the
     warm-up step before a capture, not the floating-point state (which then holds one more token): for
     benchmarks, where the values do not matter and a copy of the whole state would not fit at the largest
-    batches. `fast_linears` runs the Linear layers whose shapes kernels/tiles.py lists on decode_linear
-    (measured faster than cuBLAS at a decode step's few rows; nothing changes where the table has no entry).
+    batches. `fast_linears` (default: the module's FAST_LINEARS) runs the Linear layers whose shapes
+    kernels/tiles.py lists on decode_linear (measured faster than cuBLAS at a decode step's few rows; nothing
+    changes where the table has no entry).
     """
 
     def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True,
                  compile_mode: str | None = None, greedy: bool = False, warm_up_restores: bool = True,
-                 fast_linears: bool = True) -> None:
+                 fast_linears: bool | None = None) -> None:
         self.model = model
-        self.linears = decode_linear_layers(model) if fast_linears else []
+        fast = FAST_LINEARS if fast_linears is None else fast_linears
+        self.linears = decode_linear_layers(model) if fast else []
         self.warm_up_restores = warm_up_restores
         self.state = state
         self.use_graphs = use_graphs

@@ -71,11 +71,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"{_OP}: backend='triton' takes at most {MAX_ROWS} rows of x in weight's dtype (fp32, "
                          f"bf16 or fp16); got {rows} rows, x {x.dtype}, weight {weight.dtype}. Use backend='auto' "
                          "or 'reference'.")
-    merged = dict(DEFAULT_TILES, **decode_linear_tiles(x.device, weight.shape[1], weight.shape[0]))
-    merged.update({k: v for k, v in tiles.items() if v is not None})
-    unknown = set(merged) - set(DEFAULT_TILES) - {"max_rows"}
+    unknown = set(tiles) - set(DEFAULT_TILES)
     if unknown:
         raise ValueError(f"{_OP}: unknown tile fields {sorted(unknown)}; expected {sorted(DEFAULT_TILES)}")
+    merged = dict(DEFAULT_TILES, **decode_linear_tiles(x.device, weight.shape[1], weight.shape[0], **tiles))
     from . import ops
 
     x2 = x.reshape(rows, x.shape[-1])

@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting, new_output
+from . import MAX_ROWS
 
-BLOCK_M = 16
-MAX_ROWS = 16
+BLOCK_M = MAX_ROWS  # x padded to this many rows for tl.dot (at least 16)
 
 
 @triton.jit

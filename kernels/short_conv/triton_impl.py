@@ -266,28 +266,15 @@ def _doc_at(DOC, i_b, t, T, HAS_DOC: tl.constexpr):
 
 
 @triton.jit
-def _row_loads(U1, DY, U2, DOC, i_b, t, T, s1b, s1t, sdyb, sdyt, s2b, s2t, offs_c, mask_c, HAS_DOC: tl.constexpr):
-    """(document id, u1, dy, u2) of row t in their storage dtypes (zero outside 0 <= t < T)."""
-    ok = _row_ok(t, mask_c, offs_c, T)
-    base = i_b.to(tl.int64)
-    x = tl.load(U1 + base * s1b + t * s1t + offs_c, mask=ok, other=0.0)
-    dy = tl.load(DY + base * sdyb + t * sdyt + offs_c, mask=ok, other=0.0)
-    u2 = tl.load(U2 + base * s2b + t * s2t + offs_c, mask=ok, other=0.0)
-    return _doc_at(DOC, i_b, t, T, HAS_DOC), x, dy, u2
-
-
-@triton.jit
 def _bwd_k3_rows_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
                         s1b, s1t, s2b, s2t, sdyb, sdyt, sd1b, sd1t, sd2b, sd2t, swc, swk,
-                        ROWS: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr, PREFETCH: tl.constexpr):
+                        ROWS: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr):
     """The kernel-size-3 backward walking its rows in order: every u1, dy, u2 row loaded once.
 
     One program: a channel block and ROWS rows r0 .. r0+ROWS-1. At row t it forms conv[t] from u1[t] and the two
     rows before it (carried in registers), then dconv[t] and du2[t]; du1[t-2] needs dconv[t-2 .. t], so it is
     written two rows late (the walk runs two rows past the block; those rows only feed du1). No shifted reloads,
     no recomputed conv: a streaming kernel whose parallelism comes from many programs in flight.
-    PREFETCH: the loads of rows t+1 and t+2 are issued before row t is computed (in their storage dtype), so
-    each program keeps three rows of loads in flight instead of waiting out one load latency per row.
     """
     i_c = tl.program_id(0)
     i_r = tl.program_id(1)
@@ -307,27 +294,15 @@ def _bwd_k3_rows_kernel(U1, U2, W, DOC, DY, DU1, DU2, DW_PART, T, C,
     dw0 = tl.zeros([BC], dtype=tl.float32)
     dw1 = tl.zeros([BC], dtype=tl.float32)
     dw2 = tl.zeros([BC], dtype=tl.float32)
-    if PREFETCH:
-        pa_doc, pa_x, pa_dy, pa_u2 = _row_loads(U1, DY, U2, DOC, i_b, r0, T, s1b, s1t, sdyb, sdyt, s2b, s2t,
-                                                offs_c, mask_c, HAS_DOC)
-        pb_doc, pb_x, pb_dy, pb_u2 = _row_loads(U1, DY, U2, DOC, i_b, r0 + 1, T, s1b, s1t, sdyb, sdyt, s2b, s2t,
-                                                offs_c, mask_c, HAS_DOC)
     for i in range(ROWS + 2):
         t = r0 + i
-        if PREFETCH:
-            doc0, x0, dy, u2 = pa_doc, pa_x.to(tl.float32), pa_dy.to(tl.float32), pa_u2.to(tl.float32)
-            pa_doc, pa_x, pa_dy, pa_u2 = pb_doc, pb_x, pb_dy, pb_u2
-            pb_doc, pb_x, pb_dy, pb_u2 = _row_loads(U1, DY, U2, DOC, i_b, t + 2, T, s1b, s1t, sdyb, sdyt, s2b, s2t,
-                                                    offs_c, mask_c, HAS_DOC)
-        else:
-            doc0 = _doc_at(DOC, i_b, t, T, HAS_DOC)
-            x0 = _vec(U1, i_b, t, s1b, s1t, offs_c, mask_c, T)
-            dy = _vec(DY, i_b, t, sdyb, sdyt, offs_c, mask_c, T)
-            u2 = _vec(U2, i_b, t, s2b, s2t, offs_c, mask_c, T)
+        doc0 = _doc_at(DOC, i_b, t, T, HAS_DOC)
+        x0 = _vec(U1, i_b, t, s1b, s1t, offs_c, mask_c, T)
         back1 = x1 * (doc1 == doc0).to(tl.float32)
         back2 = x2 * (doc2 == doc0).to(tl.float32)
         conv = back2 * w0 + back1 * w1 + x0 * w2
-        g0, sig = _dconv(conv, dy, u2)
+        dy = _vec(DY, i_b, t, sdyb, sdyt, offs_c, mask_c, T)
+        g0, sig = _dconv(conv, dy, _vec(U2, i_b, t, s2b, s2t, offs_c, mask_c, T))
         if i < ROWS:  # rows past the block only feed du1 of the block's last two rows
             tl.store(DU2 + i_b.to(tl.int64) * sd2b + t * sd2t + offs_c, (dy * conv * sig).to(DU2.dtype.element_ty),
                      mask=_row_ok(t, mask_c, offs_c, T))
@@ -393,9 +368,6 @@ K3_MODE = "rows"
 K3_ROWS = 32
 K3_ROWS_BLOCK_C = 512
 K3_ROWS_WARPS = 4
-# issue the loads of the next two rows before computing a row: 0.847 against 0.849 ms at the default blocks (the
-# same run), 0.916 against 1.122 at 32 x 1024 / 8 warps; off, as it gains nothing where the default runs
-K3_ROWS_PREFETCH = False
 
 
 def backward(dy, u1, u2, weight, docs, init):
@@ -419,7 +391,7 @@ def backward(dy, u1, u2, weight, docs, init):
     if rows:
         _bwd_k3_rows_kernel[grid](u1, u2, weight, docs if docs is not None else u1, dy, du1, du2, dw_part,
                                   seqlen, channels, *strides, ROWS=block_t, BC=block_c, HAS_DOC=docs is not None,
-                                  PREFETCH=K3_ROWS_PREFETCH, num_warps=K3_ROWS_WARPS)
+                                  num_warps=K3_ROWS_WARPS)
     elif k3:
         _bwd_k3_kernel[grid](u1, u2, weight, docs if docs is not None else u1, dy, du1, du2, dw_part,
                              seqlen, channels, *strides, n_t, BT=block_t, BC=block_c, HAS_DOC=docs is not None,

@@ -68,18 +68,15 @@ def test_kernel_size_3_backward_tiles_and_grid_orders(tile, channels_first, monk
 
 
 @pytest.mark.parametrize("docs", list(DOCS), ids=list(DOCS))
-@pytest.mark.parametrize("rows, block_c, prefetch", [(8, 32, False), (64, 512, False), (8, 32, True)],
-                         ids=["R8-BC32", "R64-BC512", "R8-BC32-prefetch"])
-def test_kernel_size_3_backward_row_walk(rows, block_c, prefetch, docs, monkeypatch):
+@pytest.mark.parametrize("rows, block_c", [(8, 32), (64, 512)], ids=["R8-BC32", "R64-BC512"])
+def test_kernel_size_3_backward_row_walk(rows, block_c, docs, monkeypatch):
     """K3_MODE "rows" (the row-walking backward, the default; bench/kernels.py sweeps its blocks): the float64
-    reference's gradients at row blocks that do and do not divide T, with and without packed documents, with
-    and without the two-row prefetch."""
+    reference's gradients at row blocks that do and do not divide T, with and without packed documents."""
     from kernels.short_conv import triton_impl
 
     monkeypatch.setattr(triton_impl, "K3_MODE", "rows")
     monkeypatch.setattr(triton_impl, "K3_ROWS", rows)
     monkeypatch.setattr(triton_impl, "K3_ROWS_BLOCK_C", block_c)
-    monkeypatch.setattr(triton_impl, "K3_ROWS_PREFETCH", prefetch)
     for dtype in DTYPES:
         b, t, c = 2, 37, 70
         doc_ids = packed_doc_ids(b, t, DOCS[docs])
