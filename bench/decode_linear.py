@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from based_layers import build_model  # noqa: E402
+from based_layers.mixers.linear_attention import LinearAttention  # noqa: E402
 from bench.generation import CONFIGS, copy_bandwidth, model_config  # noqa: E402
 from kernels.decode_linear import decode_linear  # noqa: E402
 
@@ -38,7 +39,8 @@ WIN = 0.97
 
 
 def weight_shapes(models: list[str]) -> dict[tuple[int, int, bool], list[str]]:
-    """(K, N, has bias) -> the model:layer names that use it (models built on the meta device)."""
+    """(K, N, has bias) -> the model:layer names that use it (models built on the meta device), the decode
+    step's stacked q, k, v product of each linear-attention layer (tools.generate._FusedQKV) included."""
     shapes: dict[tuple[int, int, bool], list[str]] = {}
     for name in models:
         with torch.device("meta"):
@@ -47,6 +49,9 @@ def weight_shapes(models: list[str]) -> dict[tuple[int, int, bool], list[str]]:
             if isinstance(mod, torch.nn.Linear):
                 key = (mod.in_features, mod.out_features, mod.bias is not None)
                 shapes.setdefault(key, []).append(f"{name}:{mod_name}")
+            if isinstance(mod, LinearAttention):
+                stacked = sum(p.out_features for p in (mod.proj_q, mod.proj_k, mod.proj_v))
+                shapes.setdefault((mod.proj_q.in_features, stacked, False), []).append(f"{name}:{mod_name}.qkv")
     return shapes
 
 

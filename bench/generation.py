@@ -1012,9 +1012,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--linears",
         default="table",
-        choices=["table", "cublas"],
-        help="the decode step's Linear layers: decode_linear at the shapes kernels/tiles.py lists (table), or "
-        "cuBLAS everywhere",
+        choices=tools_generate.LINEAR_CHOICES,
+        help="the decode step's Linear layers: decode_linear at the shapes kernels/tiles.py lists and each "
+        "linear-attention layer's q, k, v as one product (table), decode_linear alone (unfused), or cuBLAS "
+        "everywhere",
     )
     parser.add_argument("--fit-tries", type=int, default=5, help="allocations per 'most sequences' check")
     parser.add_argument(
@@ -1058,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/generation.py needs a CUDA GPU", file=sys.stderr)
         return 1
-    tools_generate.FAST_LINEARS = args.linears == "table"  # every StaticStep of the run: grid, graph check, fit
+    tools_generate.set_linears(args.linears)  # every StaticStep of the run: grid, graph check, fit
     start = time.perf_counter()
     results = run(args)
     results["wall_seconds"] = time.perf_counter() - start

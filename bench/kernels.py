@@ -8,7 +8,8 @@ this device kind (H100 / H200 / default); the timings after it use them.
 
 bf16, B*T = 32,768 tokens, 16 heads. Linear attention (feature dim 16) at value head dims 64 (360M),
 112 (1.3B) and 128 (the shape measured in docs/../measured_h100); sliding window at head dims 64, 112, 128;
-T = 2048, 4096, 8192. Times are medians of triton.testing.do_bench (ms); "f+b" is forward plus backward
+T = 2048, 4096, 8192. Times (ms) are medians over replays of a CUDA graph of many calls (bench_ms;
+--eager-timing: triton.testing.do_bench around each eager call); "f+b" is forward plus backward
 (torch.autograd.grad of the output with a random cotangent). The floor is max(FLOPs / measured bf16
 matmul rate, bytes / measured copy bandwidth) per pass, with the FLOPs of the algorithm our kernels run
 (273 features, 64-token chunks) and each tensor read or written once.
@@ -41,20 +42,82 @@ CONV_SHAPES = (("360M", 2048), ("1.3B", 3584))
 CHUNK = 64
 
 
+# Time replays of a CUDA graph of many calls (--eager-timing: events around each eager call instead)
+GRAPH_TIMING = True
+FELL_BACK: list = []  # the failed capture that turned graph timing off mid-run (the JSON says so)
+_STREAM: list = []  # the side stream that graph timing warms up, captures and replays on (made at first use)
+
+
+def timing_stream():
+    """The stream bench_ms captures on; inputs that need autograd are made on it too (fwd_and_fwdbwd), since
+    a leaf whose AccumulateGrad node belongs to the default stream breaks the capture of a backward."""
+    if not _STREAM:
+        _STREAM.append(torch.cuda.Stream())
+    return _STREAM[0]
+
+
+def _graph_ms(fn, rep_ms: float = 50.0) -> float:
+    stream = timing_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        end.synchronize()
+        calls = max(1, min(500, int(rep_ms / max(start.elapsed_time(end) / 3, 1e-3))))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        times = []
+        for _ in range(10):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+    del graph
+    torch.cuda.current_stream().wait_stream(stream)
+    return sorted(times)[len(times) // 2]
+
+
 def bench_ms(fn) -> float:
+    """Median ms per call of fn. By default from replays of one CUDA graph that holds enough calls for ~50 ms:
+    the kernels' own time, without the host's dispatch gaps between them, which are as long as a 0.2-1 ms
+    kernel on the H200 machine and made the eager timings of one configuration vary by up to 2x
+    (docs/PERFORMANCE.md); the trainer queues its kernels ahead of the GPU, so the gaps are not on its
+    critical path. With GRAPH_TIMING off, or after a capture fails (it is then turned off for the rest of the
+    run: a failed capture can leave the CUDA RNG unusable for the next), the eager median of triton's do_bench."""
     from triton.testing import do_bench
 
+    global GRAPH_TIMING
+    if GRAPH_TIMING:
+        try:
+            return _graph_ms(fn)
+        except Exception as err:
+            GRAPH_TIMING = False
+            FELL_BACK.append(f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            print(f"  (graph capture failed; eager timing from here on: {FELL_BACK[0]})", flush=True)
+            torch.cuda.synchronize()
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def measure_ceilings() -> dict:
-    """Device-to-device copy bandwidth (read + write bytes) and the bf16 8192^3 matmul rate."""
+    """Device-to-device copy bandwidth (read + write bytes) and the bf16 8192^3 matmul rate, each call timed
+    eagerly (triton's do_bench), as peak rates: replayed from a CUDA graph the copy read 2.77 TB/s against 4.22
+    eagerly on the H200 and the matmul 679 against 737 TFLOP/s (not investigated), which raised every floor."""
+    from triton.testing import do_bench
+
     src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    copy_ms = bench_ms(lambda: dst.copy_(src))
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    mm_ms = bench_ms(lambda: a @ b)
+    mm_ms = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
     return {"bandwidth_Bps": 2 * 2**30 / (copy_ms * 1e-3), "matmul_flops": 2 * 8192**3 / (mm_ms * 1e-3)}
 
 
@@ -87,7 +150,23 @@ def conv_floor(tokens: int, channels: int, ceil: dict) -> tuple[float, float]:
 
 
 def fwd_and_fwdbwd(fn, inputs, out_grad=None):
-    """Times of fn(*inputs) and of forward + torch.autograd.grad w.r.t. the float inputs that require grad."""
+    """Times of fn(*inputs) and of forward + torch.autograd.grad w.r.t. the float inputs that require grad.
+    With graph timing everything runs on bench_ms's stream, on copies of those inputs made there: a leaf
+    whose AccumulateGrad node belongs to another stream breaks the capture of the backward."""
+    if not GRAPH_TIMING:
+        return _fwd_and_fwdbwd(fn, inputs, out_grad)
+    stream = timing_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            inputs = [x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) and x.requires_grad else x
+                      for x in inputs]
+            return _fwd_and_fwdbwd(fn, inputs, out_grad)
+    finally:
+        torch.cuda.current_stream().wait_stream(stream)
+
+
+def _fwd_and_fwdbwd(fn, inputs, out_grad):
     with torch.no_grad():
         fwd = bench_ms(lambda: fn(*inputs))
     diff = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
@@ -381,11 +460,20 @@ def markdown_table(rows: list) -> str:
 LA_SWEEP = ({}, {"num_stages": 2}, {"num_stages": 3}, {"num_stages": 4}, {"num_warps": 4, "bwd_warps": 4},
             {"num_warps": 8, "bwd_warps": 8}, {"num_warps": 4}, {"bwd_warps": 4}, {"block_v": 64},
             {"chunk_size": 64, "num_warps": 4, "bwd_warps": 4})
-SWA_SWEEP = ({}, {"block_m": 128, "block_n": 64, "num_warps": 8}, {"block_m": 64, "block_n": 32},
-             {"block_m": 128, "block_n": 32, "num_warps": 8}, {"block_m": 128, "block_n": 128, "num_warps": 8},
-             {"num_warps": 8}, {"num_stages": 1}, {"num_stages": 3}, {"bwd_block_m": 32, "bwd_block_n": 64},
-             {"bwd_block_m": 64, "bwd_block_n": 128, "bwd_warps": 8},
-             {"block_m": 128, "block_n": 64, "num_warps": 8, "bwd_block_m": 64, "bwd_warps": 4})
+# Window candidates. The backward's tiles default to the forward's, so the forward-only candidate pins the
+# backward at the default 64 x 64; the backward ones pair the dK/dV kernel (bwd_*: keys outer, queries inner)
+# with a dQ kernel (dq_*). Timed on the H200 and dropped (1.2-2.4x the default at every shape, CUDA-graph
+# timing, docs/PERFORMANCE.md): 3 stages, the forward at 128 x 64, the backward at 32 x 128 / 128 x 32 and
+# at 128 x 64 / 64 x 128 with 8 warps.
+SWA_SWEEP = ({}, {"block_m": 64, "block_n": 32, "bwd_block_m": 64, "bwd_block_n": 64},
+             {"bwd_block_m": 32, "bwd_block_n": 64, "dq_block_m": 64, "dq_block_n": 32},
+             {"bwd_block_m": 32, "bwd_block_n": 64}, {"bwd_block_m": 32, "bwd_block_n": 32},
+             {"bwd_block_m": 16, "bwd_block_n": 64, "dq_block_m": 64, "dq_block_n": 16},
+             {"bwd_block_m": 32, "bwd_block_n": 64, "dq_block_m": 64, "dq_block_n": 32, "bwd_warps": 8},
+             {"bwd_block_m": 64, "bwd_block_n": 32, "dq_block_m": 32, "dq_block_n": 64},
+             {"bwd_block_m": 64, "bwd_block_n": 128, "bwd_warps": 8, "dq_block_m": 64, "dq_block_n": 64,
+              "dq_warps": 4},
+             {"dq_block_m": 128, "dq_block_n": 64, "dq_warps": 8})
 # (window, head dim) of the published models: 360M W128 D64; 1.3B D112 (W128) and the D128 / W64 variants
 SWA_SWEEP_SHAPES = ((128, 64), (128, 112), (64, 112), (128, 128), (64, 128))
 # an entry is kept only when it beats the built-in default by more than run-to-run noise
@@ -477,6 +565,12 @@ def print_tiles(found: dict, device: str) -> str:
     return text
 
 
+def _timing_note(eager: bool) -> str:
+    if eager:
+        return "eager"
+    return f"cuda_graph, then eager after a failed capture ({FELL_BACK[0]})" if FELL_BACK else "cuda_graph"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write rows and ceilings as JSON here")
@@ -485,12 +579,16 @@ def main() -> None:
                              "kernels/tiles.py entries and use them for the timings")
     parser.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
     parser.add_argument("--skip-peers", action="store_true", help="time only our kernels")
+    parser.add_argument("--eager-timing", action="store_true",
+                        help="time each eager call with events (default: replays of a CUDA graph of many calls)")
     parser.add_argument("--only", default="la,swa,conv,decode", help="comma list of sections")
     parser.add_argument("--seqlens", default=None, help="comma list of T (default 2048,4096,8192)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
+    global GRAPH_TIMING
+    GRAPH_TIMING = not args.eager_timing
     start = time.time()
     ceil = measure_ceilings()
     device = torch.cuda.get_device_name()
@@ -537,6 +635,7 @@ def main() -> None:
                         "device": device,
                         "torch": torch.__version__,
                         "ceilings": ceil,
+                        "timing": _timing_note(args.eager_timing),
                         "tiles": None if found is None else _jsonable(found),
                         "rows": rows,
                     },

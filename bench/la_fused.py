@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels import bench_ms, la_floor, measure_ceilings, sdpa_causal  # noqa: E402
+from bench.kernels import bench_ms, fwd_and_fwdbwd, la_floor, measure_ceilings, sdpa_causal  # noqa: E402
 from kernels.taylor_linear_attn import taylor_linear_attention_reference  # noqa: E402
 from kernels.taylor_linear_attn.fused_impl import taylor_linear_attention_fused  # noqa: E402
 from kernels.taylor_linear_attn.triton_impl import taylor_linear_attention_triton  # noqa: E402
@@ -104,8 +104,9 @@ def time_fwd(fn, ins) -> float:
 
 
 def time_fb(fn, ins) -> float:
-    cot = torch.randn_like(fn(*ins))
-    return bench_ms(lambda: torch.autograd.grad(fn(*ins), ins, cot))
+    """Forward + backward ms, through bench.kernels.fwd_and_fwdbwd (which makes the inputs where the graph
+    timing can capture their backward)."""
+    return fwd_and_fwdbwd(fn, ins)[1]
 
 
 def attempt(label, thunk):

@@ -91,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--compile", default="off", help="torch.compile mode of the step (off: eager kernels)")
-    parser.add_argument("--linears", default="table", choices=["table", "cublas"],
-                        help="Linear layers on decode_linear where kernels/tiles.py lists them, or cuBLAS")
+    parser.add_argument("--linears", default="table", choices=tools_generate.LINEAR_CHOICES,
+                        help="Linear layers on decode_linear where kernels/tiles.py lists them and the "
+                             "linear-attention q, k, v as one product (table), decode_linear alone "
+                             "(unfused), or cuBLAS")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "profile_decode.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     # Mamba on mamba-ssm's step kernels where they import
     model = make_model(args.config, "triton", mamba_backend="reference" if mamba_ssm_error() else "mamba_ssm")
     compile_mode = None if args.compile == "off" else args.compile
-    tools_generate.FAST_LINEARS = args.linears == "table"
+    tools_generate.set_linears(args.linears)
     rows, kernel_us = kernel_table(model, args.batch, args.prompt_len, args.steps, compile_mode)
     graph_ms = graph_step_ms(model, args.batch, args.prompt_len, args.steps, compile_mode)
     calls = sum(r["calls_per_step"] for r in rows)

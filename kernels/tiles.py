@@ -9,7 +9,8 @@ Keys:
   the largest T <= the call's T, else the smallest T of that Dv). Fields: chunk_size, block_f, block_v,
   block_v_state, block_v_bwd, num_warps, bwd_warps, num_stages (taylor_linear_attn Plan arguments).
 - SLIDING_WINDOW_TILES[kind][(window, D)]: window and head dim, exact match. Fields: block_m, block_n,
-  num_warps, num_stages, bwd, bwd_block_m, bwd_block_n, bwd_warps (sliding_window Plan arguments).
+  num_warps, num_stages, bwd, bwd_block_m, bwd_block_n, bwd_warps, dq_block_m, dq_block_n, dq_warps,
+  bwd_stages (sliding_window Plan arguments).
 - DECODE_LINEAR_TILES[kind][(K, N)]: a decode step's weight shape [N, K], exact match. Fields: block_n,
   block_k, num_stages, num_warps, and max_rows: the most rows of x it measured faster at (decode_linear).
   Unlike the others, a shape without an entry does not run
@@ -27,25 +28,31 @@ import torch
 
 LA_FIELDS = ("chunk_size", "block_f", "block_v", "block_v_state", "block_v_bwd", "num_warps", "bwd_warps",
              "num_stages")
-SWA_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "bwd", "bwd_block_m", "bwd_block_n", "bwd_warps")
+SWA_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "bwd", "bwd_block_m", "bwd_block_n", "bwd_warps",
+              "dq_block_m", "dq_block_n", "dq_warps", "bwd_stages")
 DL_FIELDS = ("block_n", "block_k", "num_stages", "num_warps", "max_rows")
 DEVICE_KINDS = ("H100", "H200", "default")
 
 # The H100 entries are the Plans' built-in defaults (its sweeps picked them), so the table holds none.
 LINEAR_ATTN_TILES: dict[str, dict[tuple[int, int], dict]] = {
     "H100": {},
-    "H200": {},
+    # bench/kernels.py --sweep --only la --seqlens 2048 on one H200, torch 2.11.0+cu130, 2026-12-01, CUDA-graph
+    # timing (f+b ms, B 16 x T 2048: Dv112 1.944 against the default's 2.101, Dv128 1.918 against 2.051; Dv64
+    # keeps the default: 3 stages measured 1.336 against 1.343, inside the 2% noise margin)
+    "H200": {
+        (112, 2048): {"chunk_size": 64, "num_warps": 4, "bwd_warps": 4},
+        (128, 2048): {"chunk_size": 64, "num_warps": 4, "bwd_warps": 4},
+    },
     "default": {},
 }
 
 SLIDING_WINDOW_TILES: dict[str, dict[tuple[int, int], dict]] = {
     "H100": {},
-    # bench/kernels.py --sweep --sweep-only --only swa on one H200, torch 2.11.0+cu130, 2026-12-01, tree 574a438
-    # (f+b ms, B 16 x T 2048: W128 D64 0.918 against the default's 1.193; W64 D128 0.909 against 1.262); the
-    # published 1.3B shape (128, 112) and (64, 112), (128, 128) keep the defaults (none of the candidates beat them)
+    # bench/kernels.py --sweep --only swa --seqlens 2048 on one H200, torch 2.11.0+cu130, 2026-12-01, CUDA-graph
+    # timing (f+b ms, B 16 x T 2048: W128 D128 0.984 against the default's 1.007); every other shape keeps the
+    # default (the entries of the eager-timed sweep before measured slower than it: W128 D64 0.763 vs 0.599)
     "H200": {
-        (64, 128): {"block_m": 64, "block_n": 32},
-        (128, 64): {"block_m": 64, "block_n": 32},
+        (128, 128): {"block_m": 64, "block_n": 32, "bwd_block_m": 64, "bwd_block_n": 64},
     },
     "default": {},
 }
@@ -69,7 +76,10 @@ DECODE_LINEAR_TILES: dict[str, dict[tuple[int, int], dict]] = {
 }
 
 
+# Constant for torch.compile: decode_linear looks its table up inside a compiled decode step, where Dynamo
+# cannot trace torch.cuda.get_device_name (a non-tensor result: a graph break per call)
 @functools.cache
+@torch.compiler.assume_constant_result
 def _cuda_kind(index: int) -> str:
     name = torch.cuda.get_device_name(index)
     for kind in DEVICE_KINDS[:-1]:

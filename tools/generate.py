@@ -34,6 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from based_layers.mixers.attention import CausalSelfAttention  # noqa: E402
+from based_layers.mixers.linear_attention import LinearAttention  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.decode_linear import decode_linear  # noqa: E402
 from kernels.tiles import decode_linear_tiles  # noqa: E402
@@ -332,6 +333,56 @@ def _decode_linear_of(linear: nn.Linear) -> _DecodeLinear:
     return fast
 
 
+class _FusedQKV(nn.Module):
+    """A LinearAttention layer whose decode step runs its q, k, v projections as one product (decode_linear,
+    backend "auto") over the three weights stacked: one launch instead of three. The stack is a copy of the
+    three weights (2 H F + H Dv rows of d_model), made once per layer and remade when a weight changes."""
+
+    def __init__(self, mixer: LinearAttention) -> None:
+        super().__init__()
+        # weak: the cache below maps the mixer to this object, which must not keep the mixer alive
+        self._base = weakref.ref(mixer)
+        projections = (mixer.proj_q, mixer.proj_k, mixer.proj_v)
+        self.sizes = [p.out_features for p in projections]
+        self.sources = _weight_versions(mixer)  # the weights stacked, each with its in-place version
+        with torch.no_grad():
+            self.register_buffer("weight", torch.cat([p.weight for p in projections]), persistent=False)
+
+    def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):
+        base = self._base()
+        q, k, v = decode_linear(x, self.weight).split(self.sizes, dim=-1)
+        return base.step_qkv(*base.heads(q, k, v), state, reset)
+
+
+def _weight_versions(mixer: LinearAttention) -> list:
+    """The three projection weights, each with its in-place version (load_state_dict copies in place and bumps
+    it) and its storage (model.to() gives a parameter new storage without a version bump)."""
+    return [(p.weight, p.weight._version, p.weight.data_ptr()) for p in (mixer.proj_q, mixer.proj_k, mixer.proj_v)]
+
+
+def _stack_is_current(fused: _FusedQKV, mixer: LinearAttention) -> bool:
+    return all(w is now and rest == now_rest for (w, *rest), (now, *now_rest)
+               in zip(fused.sources, _weight_versions(mixer), strict=True))
+
+
+_FUSED_QKV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fused_qkv_layers(model) -> list[tuple[nn.Module, str, LinearAttention, _FusedQKV]]:
+    """(block, "mixer", LinearAttention, its _FusedQKV) for the model's linear-attention layers, each _FusedQKV
+    kept per layer (like _DecodeLinear) and remade when the layer's weights changed since it was made."""
+    swaps = []
+    for block in model.transformer.layers.values():
+        mixer = block.mixer
+        if type(mixer) is not LinearAttention:
+            continue
+        fused = _FUSED_QKV.get(mixer)
+        if fused is None or not _stack_is_current(fused, mixer):
+            fused = _FUSED_QKV[mixer] = _FusedQKV(mixer)
+        swaps.append((block, "mixer", mixer, fused))
+    return swaps
+
+
 def decode_linear_layers(model) -> list[tuple[nn.Module, str, nn.Linear, _DecodeLinear]]:
     """(parent, attribute, nn.Linear, its _DecodeLinear) for the model's Linear layers whose weight shape has a
     decode_linear entry on their device kind."""
@@ -341,8 +392,9 @@ def decode_linear_layers(model) -> list[tuple[nn.Module, str, nn.Linear, _Decode
 
 
 @contextlib.contextmanager
-def decode_linears(swaps: list[tuple[nn.Module, str, nn.Linear, _DecodeLinear]]):
-    """While active, each listed Linear layer is replaced in its parent by its _DecodeLinear (put back after)."""
+def decode_linears(swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]):
+    """While active, each listed module (a Linear layer, a linear-attention mixer) is replaced in its parent by
+    its decode form (_DecodeLinear, _FusedQKV), and put back after."""
     for parent, name, _, fast in swaps:
         setattr(parent, name, fast)
     try:
@@ -366,6 +418,19 @@ def _head_step_fast(model, h: torch.Tensor, vocab: int, greedy: bool):
 _COMPILED: dict[tuple[str, bool], tuple] = {}
 # StaticStep's default for `fast_linears` (benches set it False to time cuBLAS everywhere, e.g. --linears cublas)
 FAST_LINEARS = True
+# Under fast_linears, also the linear-attention layers' q, k, v as one product (benches: --linears unfused off)
+FUSE_QKV = True
+# The benches' --linears: "table" (both of the above), "unfused" (decode_linear, the projections apart),
+# "cublas" (neither: every product on cuBLAS, as torch's linear runs it)
+LINEAR_CHOICES = ("table", "unfused", "cublas")
+
+
+def set_linears(choice: str) -> None:
+    """FAST_LINEARS and FUSE_QKV for every StaticStep made after this, by a LINEAR_CHOICES name."""
+    global FAST_LINEARS, FUSE_QKV
+    if choice not in LINEAR_CHOICES:
+        raise ValueError(f"linears={choice!r}; expected one of {LINEAR_CHOICES}")
+    FAST_LINEARS, FUSE_QKV = choice != "cublas", choice == "table"
 
 
 def compiled_regions(mode: str, fast_linears: bool = False) -> tuple:
@@ -406,7 +471,8 @@ class StaticStep:
     benchmarks, where the values do not matter and a copy of the whole state would not fit at the largest
     batches. `fast_linears` (default: the module's FAST_LINEARS) runs the Linear layers whose shapes
     kernels/tiles.py lists on decode_linear (measured faster than cuBLAS at a decode step's few rows; nothing
-    changes where the table has no entry).
+    changes where the table has no entry) and, with FUSE_QKV, each linear-attention layer's three input
+    projections as one product (_FusedQKV).
     """
 
     def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True,
@@ -414,7 +480,7 @@ class StaticStep:
                  fast_linears: bool | None = None) -> None:
         self.model = model
         fast = FAST_LINEARS if fast_linears is None else fast_linears
-        self.linears = decode_linear_layers(model) if fast else []
+        self.linears = (decode_linear_layers(model) + (fused_qkv_layers(model) if FUSE_QKV else [])) if fast else []
         self.warm_up_restores = warm_up_restores
         self.state = state
         self.use_graphs = use_graphs

@@ -33,11 +33,13 @@ class LinearAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.num_heads * self.head_dim, d_model, bias=False)
 
     def _qkv(self, x: torch.Tensor):
-        lead = x.shape[:-1]
-        q = self.proj_q(x).view(*lead, -1, self.feature_dim)
-        k = self.proj_k(x).view(*lead, -1, self.feature_dim)
-        v = self.proj_v(x).view(*lead, -1, self.head_dim)
-        return q, k, v
+        return self.heads(self.proj_q(x), self.proj_k(x), self.proj_v(x))
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """The projections [..., H*F], [..., H*F], [..., H*Dv] viewed per head: [..., H, F], [..., H, Dv]."""
+        lead = q.shape[:-1]
+        return (q.view(*lead, -1, self.feature_dim), k.view(*lead, -1, self.feature_dim),
+                v.view(*lead, -1, self.head_dim))
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, initial_state: dict | None = None,
                 return_state: bool = False):
@@ -70,9 +72,14 @@ class LinearAttention(nn.Module):
         On the Triton backend one fused kernel updates state["kv"], state["k_sum"] in place and the returned
         state holds the same tensors; otherwise new state tensors are returned.
         """
-        if use_fused_step(self.backend, self, x, state["kv"], state["k_sum"]):
-            return self._step_fused(x, state, reset)
-        q, k, v = self._qkv(x)
+        return self.step_qkv(*self._qkv(x), state, reset)
+
+    def step_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict,
+                 reset: torch.Tensor | None = None):
+        """`step` from the token's projections q, k [B, H, F], v [B, H, Dv] (`heads`): tools.generate's decode
+        step runs the three projections as one product."""
+        if use_fused_step(self.backend, self, v, state["kv"], state["k_sum"]):
+            return self._step_fused(q, k, v, state, reset)
         kv, k_sum = state["kv"], state["k_sum"]
         if reset is not None:
             keep = (~reset).to(kv.dtype)
@@ -83,10 +90,11 @@ class LinearAttention(nn.Module):
         k_sum = k_sum + phi_k
         num = torch.einsum("bhf,bhfd->bhd", phi_q, kv)
         den = torch.einsum("bhf,bhf->bh", phi_q, k_sum).unsqueeze(-1) + self.eps
-        y = self.out_proj((num / den).to(v.dtype).reshape(x.shape[0], -1))
+        y = self.out_proj((num / den).to(v.dtype).reshape(v.shape[0], -1))
         return y, {"kv": kv, "k_sum": k_sum}
 
-    def _step_fused(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
+    def _step_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict,
+                    reset: torch.Tensor | None):
         from kernels.taylor_linear_attn import taylor_linear_attention_step
 
         kv, k_sum = state["kv"], state["k_sum"]
@@ -95,7 +103,6 @@ class LinearAttention(nn.Module):
         if reset is not None:
             kv.masked_fill_(reset.view(-1, 1, 1, 1), 0.0)
             k_sum.masked_fill_(reset.view(-1, 1, 1), 0.0)
-        q, k, v = self._qkv(x)
         o, kv, k_sum = taylor_linear_attention_step(q, k, v, kv, k_sum, self.eps, backend="triton")
-        y = self.out_proj(o.reshape(x.shape[0], -1))
+        y = self.out_proj(o.reshape(v.shape[0], -1))
         return y, {"kv": kv, "k_sum": k_sum}

@@ -119,16 +119,20 @@ def _(q, k, v, k_cache, v_cache, pos, scale):
 
 def sliding_window_attention_triton(q, k, v, *, window, doc_ids=None, scale=None, block_m=None, block_n=None,
                                     num_warps=None, num_stages=None, bwd=None, bwd_block_m=None,
-                                    bwd_block_n=None, bwd_warps=None):
+                                    bwd_block_n=None, bwd_warps=None, dq_block_m=None, dq_block_n=None,
+                                    dq_warps=None, bwd_stages=None):
     """Triton path of `sliding_window_attention` (arguments already validated), through
     based::sliding_window_fwd; block sizes are tunable (None: kernels/tiles.py's table, then the default).
 
     bwd: backward mode, "split" (default, deterministic) or "fused" (one kernel, dQ by fp32 atomics);
-    bwd_block_m, bwd_block_n, bwd_warps: the backward's tiles and warps (default: the forward's).
+    bwd_block_m, bwd_block_n, bwd_warps: the dK/dV kernel's tiles and warps (default: the forward's);
+    dq_block_m, dq_block_n, dq_warps: the dQ kernel's (default: the dK/dV kernel's); bwd_stages: the
+    backward's pipeline stages (default: num_stages).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     given = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                 bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n, bwd_warps=bwd_warps)
+                 bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n, bwd_warps=bwd_warps, dq_block_m=dq_block_m,
+                 dq_block_n=dq_block_n, dq_warps=dq_warps, bwd_stages=bwd_stages)
     tiles = [int(given[name] or 0) for name in INT_FIELDS]
     if bwd is not None and bwd not in ("split", "fused"):
         raise ValueError(f"sliding_window_attention_triton: bwd={bwd!r}; expected one of ('split', 'fused') "

@@ -2,10 +2,12 @@
 
 Forward: one program per (query block of BM rows, batch x head); it visits only the key blocks that
 intersect [m0 - window, m0 + BM), with online softmax in fp32 and the log-sum-exp saved for backward.
-Masks: key j is visible to query i when i - window <= j <= i and doc(j) == doc(i).
+Masks: key j is visible to query i when i - window <= j <= i and doc(j) == doc(i). Every tile applies the
+mask: skipping it on the tiles that lie wholly inside the band and one document (a branch per tile) measured
+slower on the H200 (docs/PERFORMANCE.md, seventh session).
 
-Backward, both modes after one pass for delta = rowsum(dO * OUT) [B, H, T] (fp32), with block sizes of
-their own (Plan.BMB, Plan.BNB; by default the forward's):
+Backward, both modes with delta = rowsum(dO * OUT) [B, H, T] (fp32; where it is computed: below) and block
+sizes of their own (Plan.BMB, Plan.BNB for dK/dV, Plan.BMQ, Plan.BNQ for dQ; by default the forward's):
 - "split" (the default): FlashAttention-2 style without atomics: one kernel per key block for dK, dV
   (visiting the query blocks within the window after it) and one per query block for dQ. Each recomputes
   P and re-reads the window. Bitwise deterministic.
@@ -13,9 +15,10 @@ their own (Plan.BMB, Plan.BNB; by default the forward's):
   zero-initialized fp32 [B, T, H, D] buffer with masked atomic adds (cast to q's dtype on the host). One
   pass over the window instead of two, but NOT bitwise deterministic: the order of the fp32 atomic adds
   varies from run to run (the values agree to fp32 rounding).
-Delta stays a separate pass in both modes: every key block needs delta of all the queries it visits
-before it can form dS, and computing it there would re-read OUT for each of the 2-3 key blocks that
-visit a query block, while the separate pass reads OUT and dO once (a small, bandwidth-bound kernel).
+Every key block needs delta of all the queries it visits before it can form dS (computing it there would
+re-read OUT for each of the 2-3 key blocks that visit a query block). "split" runs its dQ kernel first,
+which loads dO anyway: it reads OUT beside it and writes delta for the dK/dV kernel after it. "fused"
+keeps a separate pass for delta (a small, bandwidth-bound kernel that reads OUT and dO once).
 """
 
 from __future__ import annotations
@@ -174,9 +177,10 @@ def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, DQ, T, H, D, WINDOW, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOC, DO, LSE, DELTA, DQ, T, H, D, WINDOW, qk_scale, scale,
-                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
+def _bwd_dq_kernel(Q, K, V, DOC, DO, LSE, DELTA, DQ, OUT, T, H, D, WINDOW, qk_scale, scale,
+                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sob, sot, soh,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """dQ of one query block; first DELTA of its rows (rowsum(dO * OUT)), which the dK/dV kernel reads after."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -192,7 +196,10 @@ def _bwd_dq_kernel(Q, K, V, DOC, DO, LSE, DELTA, DQ, T, H, D, WINDOW, qk_scale, 
     do = tl.load(DO + i_b.to(tl.int64) * sdob + i_h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=q_mask,
                  other=0.0)
     lse = tl.load(LSE + i_bh.to(tl.int64) * T + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + i_bh.to(tl.int64) * T + offs_m, mask=mask_m, other=0.0)
+    o = tl.load(OUT + i_b.to(tl.int64) * sob + i_h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=q_mask,
+                other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + i_bh.to(tl.int64) * T + offs_m, delta, mask=mask_m)
     doc_ptr = DOC + i_b.to(tl.int64) * T
     doc_q = tl.load(doc_ptr + offs_m, mask=mask_m, other=0)
     k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
@@ -273,14 +280,17 @@ BWD_MODES = ("split", "fused")
 
 
 class Plan:
-    """Block sizes of one call: query rows BM and key rows BN per tile of the forward, BMB and BNB of the
-    backward (default: the forward's); warps of the forward and of the backward; pipeline stages; the
-    backward mode `bwd` ("split" or "fused", see the module docstring; default "split")."""
+    """Block sizes of one call: query rows BM and key rows BN per tile of the forward; BMB and BNB of the
+    backward's dK/dV kernel (default: the forward's); BMQ and BNQ of its dQ kernel (default: the dK/dV
+    kernel's); warps of the forward, of the dK/dV kernel and of the dQ kernel (default: the dK/dV kernel's);
+    pipeline stages of the forward and of the backward (default: the forward's); the backward mode `bwd`
+    ("split" or "fused", see the module docstring; default "split")."""
 
     def __init__(self, head_dim: int, block_m: int | None = None, block_n: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, bwd: str | None = None,
                  bwd_block_m: int | None = None, bwd_block_n: int | None = None,
-                 bwd_warps: int | None = None) -> None:
+                 bwd_warps: int | None = None, dq_block_m: int | None = None, dq_block_n: int | None = None,
+                 dq_warps: int | None = None, bwd_stages: int | None = None) -> None:
         if bwd is not None and bwd not in BWD_MODES:
             raise ValueError(f"sliding_window_attention_triton: bwd={bwd!r}; expected one of {BWD_MODES} "
                              "(or None for 'split')")
@@ -290,9 +300,13 @@ class Plan:
         self.BN = block_n or 64
         self.BMB = bwd_block_m or self.BM
         self.BNB = bwd_block_n or self.BN
+        self.BMQ = dq_block_m or self.BMB
+        self.BNQ = dq_block_n or self.BNB
         self.num_warps = num_warps or 4
         self.bwd_warps = bwd_warps or self.num_warps
+        self.dq_warps = dq_warps or self.bwd_warps
         self.num_stages = num_stages or 2
+        self.bwd_stages = bwd_stages or self.num_stages
 
 
 def forward(q, k, v, docs, window, scale, plan: Plan):
@@ -318,32 +332,32 @@ def _delta(o, do, plan: Plan) -> torch.Tensor:
 
 
 def backward(do, q, k, v, docs, o, lse, window, scale, plan: Plan):
-    """dq, dk, dv by the plan's backward mode ("split": dK dV and dQ kernels; "fused": one kernel, dQ by
-    fp32 atomics)."""
+    """dq, dk, dv by the plan's backward mode ("split": the dQ kernel, which also writes delta, then the dK/dV
+    kernel; "fused": the delta pass, then one kernel, dQ by fp32 atomics)."""
     batch, seqlen, heads, dim = q.shape
     do = last_dim_contiguous(do)
-    delta = _delta(o, do, plan)
     fused = plan.bwd == "fused"
     if fused:
+        delta = _delta(o, do, plan)
         # the atomics add into fp32 zeros; "split" writes every element of dq itself
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
+        delta = new_output((batch, heads, seqlen), torch.float32, q.device)
         dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     args = (q, k, v, docs, do, lse, delta)
     consts = (seqlen, heads, dim, window, scale * LOG2E, scale)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do))
-    meta = dict(BM=plan.BMB, BN=plan.BNB, BD=plan.BD, PREC=_precision(q.dtype), num_warps=plan.bwd_warps,
-                num_stages=plan.num_stages)
+    common = dict(BD=plan.BD, PREC=_precision(q.dtype), num_stages=plan.bwd_stages)
+    if not fused:
+        _bwd_dq_kernel[(triton.cdiv(seqlen, plan.BMQ), batch * heads)](
+            *args, dq, o, *consts, *strides, *_strides3(dq), *_strides3(o), BM=plan.BMQ, BN=plan.BNQ,
+            num_warps=plan.dq_warps, **common)
     _bwd_dkdv_kernel[(triton.cdiv(seqlen, plan.BNB), batch * heads)](
         *args, dk, dv, dq, *consts, *strides, *_strides3(dk), *_strides3(dv), *_strides3(dq), ATOMIC_DQ=fused,
-        **meta)
-    if fused:
-        return dq.to(q.dtype), dk, dv
-    _bwd_dq_kernel[(triton.cdiv(seqlen, plan.BMB), batch * heads)](*args, dq, *consts, *strides, *_strides3(dq),
-                                                                   **meta)
-    return dq, dk, dv
+        BM=plan.BMB, BN=plan.BNB, num_warps=plan.bwd_warps, **common)
+    return (dq.to(q.dtype) if fused else dq), dk, dv
 
 
 def sliding_window_step_triton(q, k, v, k_cache, v_cache, pos, *, scale=None):

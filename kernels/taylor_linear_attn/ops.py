@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._common import last_dim_contiguous
-from .plan import Plan, state_dtype, tiles_arg
+from .plan import Plan, resolved_tiles_arg, state_dtype, tiles_arg  # noqa: F401  (tiles_arg: tests, bench)
 
 _FINAL = torch.float32
 
@@ -167,8 +167,9 @@ def taylor_linear_attention_triton(q, k, v, *, eps=1e-12, doc_ids=None, initial_
     based::taylor_linear_attention_fwd; block sizes are tunable (None: kernels/tiles.py's table for this
     device and shape, then the built-in default)."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    tiles = tiles_arg(chunk_size=chunk_size, block_f=block_f, block_v=block_v, block_v_state=block_v_state,
-                      block_v_bwd=block_v_bwd, num_warps=num_warps, bwd_warps=bwd_warps, num_stages=num_stages)
+    tiles = resolved_tiles_arg(q, v, chunk_size=chunk_size, block_f=block_f, block_v=block_v,
+                               block_v_state=block_v_state, block_v_bwd=block_v_bwd, num_warps=num_warps,
+                               bwd_warps=bwd_warps, num_stages=num_stages)
     kv0, ks0 = initial_state if initial_state is not None else (None, None)
     o, _, _, _, kv, ks = taylor_linear_attention_fwd(q, k, v, doc_ids, kv0, ks0, float(eps),
                                                      bool(output_final_state), tiles)

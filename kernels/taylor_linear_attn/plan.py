@@ -73,3 +73,15 @@ def tiles_arg(**explicit: int | None) -> list[int]:
         raise ValueError(f"taylor_linear_attention: unknown block-size arguments {sorted(unknown)}; "
                          f"expected some of {LA_FIELDS}")
     return [int(explicit.get(name) or 0) for name in LA_FIELDS]
+
+
+def resolved_tiles_arg(q: torch.Tensor, v: torch.Tensor, **explicit: int | None) -> list[int]:
+    """tiles_arg of the block sizes this call will use: the explicit ones over kernels/tiles.py's table, with
+    the chunk size and feature block always set (the built-in defaults where neither gives them). The caller
+    resolves them, not the op: the chunk states' shapes depend on those two, and as constants of a compiled
+    graph (which inductor's cache keys) the op's fake and real bodies cannot disagree on them, even when the
+    table differs between tracing and running (a new checkout under a warm cache: seen on the H200)."""
+    tiles_arg(**explicit)  # the unknown-name check
+    chosen = linear_attn_tiles(q.device, v.shape[-1], q.shape[1], **explicit)
+    plan = Plan(q.shape[1], q.shape[-1], v.shape[-1], **chosen)
+    return tiles_arg(**dict(chosen, chunk_size=plan.BC, block_f=plan.BF))

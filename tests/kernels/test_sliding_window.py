@@ -76,6 +76,21 @@ def test_block_shapes(blocks, bwd):
     check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), torch.float32, ["dq", "dk", "dv"])
 
 
+@pytest.mark.parametrize("bwd", BWD_MODES)
+def test_dq_kernel_tiles_of_its_own(bwd):
+    """The dQ kernel with tiles of the transposed shape (16 x 32) beside the dK/dV kernel's (32 x 16), and the
+    backward's own pipeline stages, across document starts and a sequence end inside a tile."""
+    from kernels.sliding_window.triton_impl import sliding_window_attention_triton
+
+    b, t, h, d, window = 2, 150, 2, 32, 70
+    doc_ids = packed_doc_ids(b, t, [90, 7, 40])
+    (q, k, v), (q64, k64, v64) = leaves(make_inputs(b, t, h, d), torch.float32)
+    o = sliding_window_attention_triton(q, k, v, window=window, doc_ids=doc_ids, block_m=16, block_n=32, bwd=bwd,
+                                        bwd_block_m=32, bwd_block_n=16, dq_block_m=16, dq_block_n=32, bwd_stages=3)
+    o_ref = sliding_window_attention_dense(q64, k64, v64, window=window, doc_ids=doc_ids)
+    check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), torch.float32, ["dq", "dk", "dv"])
+
+
 def test_unknown_backward_mode_names_the_choices():
     from kernels.sliding_window.triton_impl import sliding_window_attention_triton
 

@@ -434,6 +434,33 @@ def test_compiled_step_on_the_triton_mixers_has_no_graph_break():
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
+def test_fused_qkv_stacks_are_kept_per_layer_and_remade_after_a_weight_change():
+    """fused_qkv_layers returns the same _FusedQKV per layer (the compiled regions' guards hold across
+    StaticSteps), remakes it when load_state_dict changed the weights or model.to() moved them, and keeps no
+    model alive."""
+    import gc
+    import weakref
+
+    model = tiny_model("based")
+    first = gen.fused_qkv_layers(model)
+    assert first and [f for *_, f in gen.fused_qkv_layers(model)] == [f for *_, f in first]
+    state = {k: v + 1 if k.endswith(("proj_q.weight", "proj_v.weight")) else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    second = gen.fused_qkv_layers(model)
+    for before, after in zip(first, second, strict=True):
+        mixer = after[2]
+        assert after[3] is not before[3]
+        stacked = torch.cat([mixer.proj_q.weight, mixer.proj_k.weight, mixer.proj_v.weight])
+        torch.testing.assert_close(after[3].weight, stacked, rtol=0, atol=0)
+    model.to(torch.float64)
+    moved = gen.fused_qkv_layers(model)
+    assert all(m[3].weight.dtype == torch.float64 and m[3] is not s[3] for m, s in zip(moved, second, strict=True))
+    alive = weakref.ref(first[0][2])
+    del model, first, second, moved, before, after, mixer
+    gc.collect()
+    assert alive() is None
+
+
 def test_static_step_runs_listed_linears_on_decode_linear(monkeypatch):
     """StaticStep(fast_linears=True) runs the Linear layers whose shapes kernels/tiles.py lists on decode_linear
     (the Triton kernel: the interpreter on CPU), through Dynamo with no graph break: the same logits as the
@@ -448,6 +475,11 @@ def test_static_step_runs_listed_linears_on_decode_linear(monkeypatch):
     model = tiny_model("based").to(TRITON_DEVICE, torch.bfloat16)
     listed = {(m.in_features, m.out_features) for m in model.modules() if type(m) is torch.nn.Linear
               and m is not model.lm_head}
+    la = [b.mixer for b in model.transformer.layers.values() if type(b.mixer) is gen.LinearAttention]
+    assert la
+    # the linear-attention layers' q, k, v run as one product (_FusedQKV) of their stacked weights
+    listed |= {(m.proj_q.in_features, m.proj_q.out_features + m.proj_k.out_features + m.proj_v.out_features)
+               for m in la}
     entry = {"block_n": 16, "block_k": 32, "num_stages": 2, "num_warps": 4, "max_rows": 16}
     monkeypatch.setitem(tiles.DECODE_LINEAR_TILES, tiles.device_kind(TRITON_DEVICE),
                         dict.fromkeys(sorted(listed), entry))
@@ -457,7 +489,8 @@ def test_static_step_runs_listed_linears_on_decode_linear(monkeypatch):
     ids, docs = left_pad(_prompts(), 5, TRITON_DEVICE)
     tokens = torch.randint(0, 200, (4, 3), generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
     outs = {}
-    n_listed = sum(1 for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head)
+    # every Linear layer but the head on the kernel, each linear-attention layer's three projections as one
+    n_listed = sum(1 for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head) - 2 * len(la)
     torch._dynamo.utils.counters.clear()
     for fast in (False, True, False):  # each way in one process: the compiled regions must not be shared
         launches.clear()
@@ -468,5 +501,6 @@ def test_static_step_runs_listed_linears_on_decode_linear(monkeypatch):
                 outs[fast] = torch.stack([step(t).float() for t in tokens])
         assert len(launches) == (n_listed * len(tokens) if fast else 0)
         assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert [b.mixer for b in model.transformer.layers.values() if type(b.mixer) is gen.LinearAttention] == la
     torch.testing.assert_close(outs[True], outs[False], rtol=3e-2, atol=3e-2)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

@@ -140,6 +140,7 @@ def test_decode_linear_bench_lists_the_published_shapes_and_keeps_only_tiles_tha
     assert len(shapes[(1792, 7168, True)]) == 22  # the short-conv in_proj of the 22 base_conv layers
     assert len(shapes[(3584, 1792, False)]) == 36  # every MLP's fc2
     assert (1792, 50264, False) in shapes  # the head, vocabulary padded to a multiple of 8
+    assert len(shapes[(1792, 2304, False)]) == 7  # the stacked q, k, v of the 7 linear-attention layers
 
     def tile(block_n, us):
         return {"block_n": block_n, "block_k": 256, "num_stages": 3, "num_warps": 4, "us": us}
