@@ -28,13 +28,21 @@ def _plan(q: Tensor, window: int, tiles: list[int], bwd: str):
     return Plan(q.shape[-1], **sliding_window_tiles(q.device, window, q.shape[-1], **explicit))
 
 
+def doc_start_positions(doc_ids: Tensor | None, batch: int, seqlen: int, device: torch.device) -> Tensor:
+    """int32 [B, T]: the position where each token's document starts (position 0, and every change of doc id
+    along the row); zeros when doc_ids is None. The kernels mask with it: key j is visible to query i when
+    max(i - window, start(i)) <= j <= i."""
+    if doc_ids is None:
+        return torch.zeros(batch, seqlen, dtype=torch.int32, device=device)
+    idx = torch.arange(seqlen, device=device).expand(batch, seqlen)
+    change = torch.ones_like(doc_ids, dtype=torch.bool)
+    change[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.where(change, idx, 0).cummax(dim=1).values.to(torch.int32).contiguous()
+
+
 def _prepare(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None):
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    if doc_ids is None:
-        docs = torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32, device=q.device)
-    else:
-        docs = doc_ids.contiguous()
-    return q, k, v, docs
+    return q, k, v, doc_start_positions(doc_ids, q.shape[0], q.shape[1], q.device)
 
 
 @torch.library.custom_op("based::sliding_window_fwd", mutates_args=())
@@ -60,8 +68,8 @@ def sliding_window_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, doc_ids: Ten
     """dq, dk, dv [B, T, H, D] in the inputs' dtypes."""
     from .triton_impl import backward
 
-    q, k, v, docs = _prepare(q, k, v, doc_ids)
-    dq, dk, dv = backward(do, q, k, v, docs, o, lse, window, scale, _plan(q, window, tiles, bwd))
+    q, k, v, starts = _prepare(q, k, v, doc_ids)
+    dq, dk, dv = backward(do, q, k, v, starts, o, lse, window, scale, _plan(q, window, tiles, bwd))
     return dq.contiguous(), dk, dv
 
 

@@ -2,9 +2,11 @@
 
 Forward: one program per (query block of BM rows, batch x head); it visits only the key blocks that
 intersect [m0 - window, m0 + BM), with online softmax in fp32 and the log-sum-exp saved for backward.
-Masks: key j is visible to query i when i - window <= j <= i and doc(j) == doc(i). Every tile applies the
-mask: skipping it on the tiles that lie wholly inside the band and one document (a branch per tile) measured
-slower on the H200 (docs/PERFORMANCE.md, seventh session).
+Masks: key j is visible to query i when max(i - window, start(i)) <= j <= i, start(i) the position where
+query i's document starts (ops.py computes it from doc ids: a change of id starts a document): two compares
+per element against per-row limits computed once per query block. Every tile applies the mask: skipping it
+on the tiles that lie wholly inside the band and one document (a branch per tile) measured slower on the
+H200 (docs/PERFORMANCE.md, seventh session).
 
 Backward, both modes with delta = rowsum(dO * OUT) [B, H, T] (fp32; where it is computed: below) and block
 sizes of their own (Plan.BMB, Plan.BNB for dK/dV, Plan.BMQ, Plan.BNQ for dQ; by default the forward's):
@@ -44,14 +46,21 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_q, offs_k, doc_q, doc_k, mask_k, WINDOW):
-    """[len(offs_q), len(offs_k)]: key visible to query (causal, within the window, same document)."""
-    delta = offs_q[:, None] - offs_k[None, :]
-    return (delta >= 0) & (delta <= WINDOW) & (doc_q[:, None] == doc_k[None, :]) & mask_k[None, :]
+def _row_band(offs_q, mask_q, START, WINDOW):
+    """Per query row, its first and last visible key: max(q - WINDOW, the start of q's document) and q itself
+    (-1 for rows past the sequence: they see nothing; keys past it lie after every valid query)."""
+    start = tl.load(START + offs_q, mask=mask_q, other=0)
+    return tl.maximum(offs_q - WINDOW, start), tl.where(mask_q, offs_q, -1)
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, DOC, OUT, LSE, T, H, D, WINDOW, qk_scale,
+def _visible(offs_k, lo_q, hi_q):
+    """[len(lo_q), len(offs_k)]: key visible to query (within the query's band)."""
+    return (offs_k[None, :] >= lo_q[:, None]) & (offs_k[None, :] <= hi_q[:, None])
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, START, OUT, LSE, T, H, D, WINDOW, qk_scale,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     i_m = tl.program_id(0)
@@ -65,8 +74,7 @@ def _fwd_kernel(Q, K, V, DOC, OUT, LSE, T, H, D, WINDOW, qk_scale,
     mask_d = offs_d < D
     q = tl.load(Q + i_b.to(tl.int64) * sqb + i_h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    doc_ptr = DOC + i_b.to(tl.int64) * T
-    doc_q = tl.load(doc_ptr + offs_m, mask=mask_m, other=0)
+    lo_q, hi_q = _row_band(offs_m, mask_m, START + i_b.to(tl.int64) * T, WINDOW)
     k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
     v_ptr = V + i_b.to(tl.int64) * svb + i_h * svh
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -79,9 +87,8 @@ def _fwd_kernel(Q, K, V, DOC, OUT, LSE, T, H, D, WINDOW, qk_scale,
         mask_n = offs_n < T
         k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        doc_k = tl.load(doc_ptr + offs_n, mask=mask_n, other=0)
         s = _mm(q, tl.trans(k), PREC) * qk_scale
-        s = tl.where(_visible(offs_m, offs_n, doc_q, doc_k, mask_n, WINDOW), s, float("-inf"))
+        s = tl.where(_visible(offs_n, lo_q, hi_q), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # rows that have seen no visible key yet keep m = -inf; shift by 0 instead to avoid inf - inf
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -115,7 +122,7 @@ def _delta_kernel(OUT, DO, DELTA, T, H, D, sob, sot, soh, sdob, sdot, sdoh, BT: 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, DQ, T, H, D, WINDOW, qk_scale, scale,
+def _bwd_dkdv_kernel(Q, K, V, START, DO, LSE, DELTA, DK, DV, DQ, T, H, D, WINDOW, qk_scale, scale,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                      sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, sdqb, sdqt, sdqh,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
@@ -135,8 +142,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, DQ, T, H, D, WINDOW, 
                 other=0.0)
     v = tl.load(V + i_b.to(tl.int64) * svb + i_h * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask,
                 other=0.0)
-    doc_ptr = DOC + i_b.to(tl.int64) * T
-    doc_k = tl.load(doc_ptr + offs_n, mask=mask_n, other=0)
+    start_ptr = START + i_b.to(tl.int64) * T
     q_ptr = Q + i_b.to(tl.int64) * sqb + i_h * sqh
     do_ptr = DO + i_b.to(tl.int64) * sdob + i_h * sdoh
     dq_ptr = DQ + i_b.to(tl.int64) * sdqb + i_h * sdqh
@@ -154,12 +160,10 @@ def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, DQ, T, H, D, WINDOW, 
         do = tl.load(do_ptr + offs_m[:, None] * sdot + offs_d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=mask_m, other=0.0)
-        doc_q = tl.load(doc_ptr + offs_m, mask=mask_m, other=0)
+        lo_q, hi_q = _row_band(offs_m, mask_m, start_ptr, WINDOW)
         # transposed blocks: rows are keys, columns are queries
         s_t = _mm(k, tl.trans(q), PREC) * qk_scale
-        delta_t = offs_m[None, :] - offs_n[:, None]
-        visible_t = ((delta_t >= 0) & (delta_t <= WINDOW) & (doc_k[:, None] == doc_q[None, :]) & mask_m[None, :]
-                     & mask_n[:, None])
+        visible_t = (offs_n[:, None] >= lo_q[None, :]) & (offs_n[:, None] <= hi_q[None, :])
         p_t = tl.where(visible_t, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += _mm(p_t.to(do.dtype), do, PREC)
         dp_t = _mm(v, tl.trans(do), PREC)
@@ -177,7 +181,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOC, DO, LSE, DELTA, DK, DV, DQ, T, H, D, WINDOW, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOC, DO, LSE, DELTA, DQ, OUT, T, H, D, WINDOW, qk_scale, scale,
+def _bwd_dq_kernel(Q, K, V, START, DO, LSE, DELTA, DQ, OUT, T, H, D, WINDOW, qk_scale, scale,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sob, sot, soh,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """dQ of one query block; first DELTA of its rows (rowsum(dO * OUT)), which the dK/dV kernel reads after."""
@@ -200,8 +204,7 @@ def _bwd_dq_kernel(Q, K, V, DOC, DO, LSE, DELTA, DQ, OUT, T, H, D, WINDOW, qk_sc
                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + i_bh.to(tl.int64) * T + offs_m, delta, mask=mask_m)
-    doc_ptr = DOC + i_b.to(tl.int64) * T
-    doc_q = tl.load(doc_ptr + offs_m, mask=mask_m, other=0)
+    lo_q, hi_q = _row_band(offs_m, mask_m, START + i_b.to(tl.int64) * T, WINDOW)
     k_ptr = K + i_b.to(tl.int64) * skb + i_h * skh
     v_ptr = V + i_b.to(tl.int64) * svb + i_h * svh
     dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -212,9 +215,8 @@ def _bwd_dq_kernel(Q, K, V, DOC, DO, LSE, DELTA, DQ, OUT, T, H, D, WINDOW, qk_sc
         mask_n = offs_n < T
         k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        doc_k = tl.load(doc_ptr + offs_n, mask=mask_n, other=0)
         s = _mm(q, tl.trans(k), PREC) * qk_scale
-        p = tl.where(_visible(offs_m, offs_n, doc_q, doc_k, mask_n, WINDOW), tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(_visible(offs_n, lo_q, hi_q), tl.exp2(s - lse[:, None]), 0.0)
         dp = _mm(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, PREC)
@@ -309,12 +311,13 @@ class Plan:
         self.bwd_stages = bwd_stages or self.num_stages
 
 
-def forward(q, k, v, docs, window, scale, plan: Plan):
+def forward(q, k, v, starts, window, scale, plan: Plan):
+    """o, lse; `starts` [B, T] int32: where each token's document starts (ops.doc_start_positions)."""
     batch, seqlen, heads, dim = q.shape
     o = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, heads, seqlen), torch.float32, q.device)
     grid = (triton.cdiv(seqlen, plan.BM), batch * heads)
-    _fwd_kernel[grid](q, k, v, docs, o, lse, seqlen, heads, dim, window, scale * LOG2E,
+    _fwd_kernel[grid](q, k, v, starts, o, lse, seqlen, heads, dim, window, scale * LOG2E,
                       *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
                       BM=plan.BM, BN=plan.BN, BD=plan.BD, PREC=_precision(q.dtype),
                       num_warps=plan.num_warps, num_stages=plan.num_stages)
@@ -331,7 +334,7 @@ def _delta(o, do, plan: Plan) -> torch.Tensor:
     return delta
 
 
-def backward(do, q, k, v, docs, o, lse, window, scale, plan: Plan):
+def backward(do, q, k, v, starts, o, lse, window, scale, plan: Plan):
     """dq, dk, dv by the plan's backward mode ("split": the dQ kernel, which also writes delta, then the dK/dV
     kernel; "fused": the delta pass, then one kernel, dQ by fp32 atomics)."""
     batch, seqlen, heads, dim = q.shape
@@ -346,7 +349,7 @@ def backward(do, q, k, v, docs, o, lse, window, scale, plan: Plan):
         dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    args = (q, k, v, docs, do, lse, delta)
+    args = (q, k, v, starts, do, lse, delta)
     consts = (seqlen, heads, dim, window, scale * LOG2E, scale)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do))
     common = dict(BD=plan.BD, PREC=_precision(q.dtype), num_stages=plan.bwd_stages)

@@ -91,6 +91,16 @@ def test_dq_kernel_tiles_of_its_own(bwd):
     check_output_and_grads(o, o_ref, (q, k, v), (q64, k64, v64), torch.float32, ["dq", "dk", "dv"])
 
 
+def test_document_starts_the_kernels_mask_with():
+    """Each token's document start, from doc ids (position 0 and every change of id start one)."""
+    from kernels.sliding_window.ops import doc_start_positions
+
+    ids = torch.tensor([[5, 5, 5, 7, 7, 9], [0, 1, 1, 1, 1, 1]])
+    assert doc_start_positions(ids, 2, 6, ids.device).tolist() == [[0, 0, 0, 3, 3, 5], [0, 1, 1, 1, 1, 1]]
+    none = doc_start_positions(None, 2, 3, ids.device)
+    assert none.dtype == torch.int32 and none.tolist() == [[0, 0, 0], [0, 0, 0]]
+
+
 def test_unknown_backward_mode_names_the_choices():
     from kernels.sliding_window.triton_impl import sliding_window_attention_triton
 
