@@ -480,7 +480,8 @@ class StaticStep:
                  fast_linears: bool | None = None) -> None:
         self.model = model
         fast = FAST_LINEARS if fast_linears is None else fast_linears
-        self.linears = (decode_linear_layers(model) + (fused_qkv_layers(model) if FUSE_QKV else [])) if fast else []
+        fused = fused_qkv_layers(model) if fast and FUSE_QKV else []
+        self.linears = decode_linear_layers(model) + fused if fast else []
         self.warm_up_restores = warm_up_restores
         self.state = state
         self.use_graphs = use_graphs

@@ -62,19 +62,23 @@ def test_opcheck_linear_attention_backward_and_step():
     _opcheck(la_ops.taylor_linear_attention_step, step)
 
 
+# the window ops' tiles argument with every field unset (the table, then the built-in defaults)
+SWA_UNSET = [0] * len(swa_ops.INT_FIELDS)
+
+
 @pytest.mark.parametrize("docs", [False, True], ids=["one-doc", "packed"])
 def test_opcheck_sliding_window(docs):
     b, t, h, d = 2, 19, 2, 16
     doc_ids = packed_doc_ids(b, t, [5, 14]) if docs else None
-    args = (_req(b, t, h, d), _req(b, t, h, d), _req(b, t, h, d), doc_ids, 6, d**-0.5, [0] * len(swa_ops.INT_FIELDS), "")
+    args = (_req(b, t, h, d), _req(b, t, h, d), _req(b, t, h, d), doc_ids, 6, d**-0.5, SWA_UNSET, "")
     _opcheck(swa_ops.sliding_window_fwd, args)
 
 
 def test_opcheck_sliding_window_backward_and_step():
     b, t, h, d, w = 1, 10, 1, 16, 4
     q, k, v = (torch.randn(b, t, h, d, device=DEVICE) for _ in range(3))
-    o, lse = swa_ops.sliding_window_fwd(q, k, v, None, w, d**-0.5, [0] * len(swa_ops.INT_FIELDS), "")
-    _opcheck(swa_ops.sliding_window_bwd, (torch.randn_like(o), q, k, v, None, o, lse, w, d**-0.5, [0] * len(swa_ops.INT_FIELDS), ""))
+    o, lse = swa_ops.sliding_window_fwd(q, k, v, None, w, d**-0.5, SWA_UNSET, "")
+    _opcheck(swa_ops.sliding_window_bwd, (torch.randn_like(o), q, k, v, None, o, lse, w, d**-0.5, SWA_UNSET, ""))
     cache = [torch.randn(2, w, h, d, device=DEVICE) for _ in range(2)]
     pos = torch.tensor([0, 6], device=DEVICE)
     step = (*(torch.randn(2, h, d, device=DEVICE) for _ in range(3)), *cache, pos, d**-0.5)

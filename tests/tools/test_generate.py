@@ -444,8 +444,8 @@ def test_fused_qkv_stacks_are_kept_per_layer_and_remade_after_a_weight_change():
     model = tiny_model("based")
     first = gen.fused_qkv_layers(model)
     assert first and [f for *_, f in gen.fused_qkv_layers(model)] == [f for *_, f in first]
-    state = {k: v + 1 if k.endswith(("proj_q.weight", "proj_v.weight")) else v for k, v in model.state_dict().items()}
-    model.load_state_dict(state)
+    changed = ("proj_q.weight", "proj_v.weight")
+    model.load_state_dict({k: v + 1 if k.endswith(changed) else v for k, v in model.state_dict().items()})
     second = gen.fused_qkv_layers(model)
     for before, after in zip(first, second, strict=True):
         mixer = after[2]
@@ -490,7 +490,8 @@ def test_static_step_runs_listed_linears_on_decode_linear(monkeypatch):
     tokens = torch.randint(0, 200, (4, 3), generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
     outs = {}
     # every Linear layer but the head on the kernel, each linear-attention layer's three projections as one
-    n_listed = sum(1 for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head) - 2 * len(la)
+    n_linear = sum(1 for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head)
+    n_listed = n_linear - 2 * len(la)
     torch._dynamo.utils.counters.clear()
     for fast in (False, True, False):  # each way in one process: the compiled regions must not be shared
         launches.clear()
