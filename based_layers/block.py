@@ -16,14 +16,14 @@ from based_layers.norm import RMSNorm
 
 class Block(nn.Module):
     def __init__(self, d_model: int, mixer: nn.Module, mlp_hidden: int, norm_eps: float,
-                 residual_in_fp32: bool = True, norm_backend: str = "reference") -> None:
+                 residual_in_fp32: bool = True, norm_backend: str = "reference", mlp_backend: str = "reference") -> None:
         super().__init__()
         self.norm1 = RMSNorm(d_model, norm_eps, norm_backend)
         self.mixer = mixer
         self.residual_in_fp32 = residual_in_fp32
         if mlp_hidden > 0:
             self.norm2 = RMSNorm(d_model, norm_eps, norm_backend)
-            self.mlp = GatedMLP(d_model, mlp_hidden)
+            self.mlp = GatedMLP(d_model, mlp_hidden, mlp_backend)
         else:
             self.norm2 = None
             self.mlp = None

@@ -109,7 +109,8 @@ class ModelConfig:
     `decay_buffer: true` adds the published based-1b buffer `transformer.decay.decay`, which changes
     no output (kept only so that checkpoints match key for key).
     `norm_backend` runs the RMSNorms (with the residual add before norm2) in plain PyTorch or the fused Triton
-    kernel (auto: Triton on CUDA). `loss_impl` picks how the training loss is computed from the last hidden
+    kernel (auto: Triton on CUDA); `mlp_backend` likewise the MLP's SwiGLU (kernels/swiglu: one pass each way over
+    fc1's [value | gate] output). `loss_impl` picks how the training loss is computed from the last hidden
     states: `plain` materialises fp32 logits [tokens, vocab]; `fused_chunked` (kernels/linear_cross_entropy)
     runs head + cross-entropy over `loss_chunk_size` tokens at a time and never holds all logits; `liger` is
     liger-kernel's LigerFusedLinearCrossEntropyLoss (optional package); auto: fused_chunked on CUDA.
@@ -127,6 +128,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
     norm_backend: str = "auto"
+    mlp_backend: str = "auto"
     loss_impl: str = "auto"
     loss_chunk_size: int = 4096
     init_scheme: str = "published"
@@ -176,8 +178,9 @@ class ModelConfig:
             backend = getattr(self, sub).backend
             if backend not in BACKENDS:
                 errors.append(f"model.{sub}.backend: {backend!r}; expected one of {BACKENDS}")
-        if self.norm_backend not in BACKENDS:
-            errors.append(f"model.norm_backend: {self.norm_backend!r}; expected one of {BACKENDS}")
+        for key in ("norm_backend", "mlp_backend"):
+            if getattr(self, key) not in BACKENDS:
+                errors.append(f"model.{key}: {getattr(self, key)!r}; expected one of {BACKENDS}")
         if self.loss_impl not in LOSS_IMPLS:
             errors.append(f"model.loss_impl: {self.loss_impl!r}; expected one of {LOSS_IMPLS}")
         if self.loss_chunk_size < 1:

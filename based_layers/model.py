@@ -45,7 +45,7 @@ class Backbone(nn.Module):
         for i, name in enumerate(cfg.layer_mixers()):
             mixer = MIXER_CLASSES[name](cfg.d_model, getattr(cfg, name), i)
             self.layers[str(i)] = Block(cfg.d_model, mixer, cfg.mlp_hidden, cfg.norm_eps, cfg.residual_in_fp32,
-                                        cfg.norm_backend)
+                                        cfg.norm_backend, cfg.mlp_backend)
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_backend)
         if cfg.decay_buffer:
             self.decay = DecayBuffer(cfg.linear_attn.num_heads)

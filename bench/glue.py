@@ -1,6 +1,7 @@
 """The training step's glue at the 1.3B shapes: residual add + RMSNorm, and head + cross-entropy (issue 13).
 
-    python bench/glue.py [--tokens 8192,16384] [--dim 1792] [--vocab 50264] [--out runs/bench/glue.json]
+    python bench/glue.py [--tokens 8192,16384] [--dim 1792] [--vocab 50264] [--hidden 3584] [--only norm,loss,swiglu]
+                         [--out runs/bench/glue.json]
 
 Forward + backward time (CUDA events, median of --iters after --warmup) and peak memory above the inputs:
 - add + RMSNorm, fp32 residual stream x [N, D], bf16 update, fp32 weight, output bf16 (what a block does):
@@ -9,6 +10,8 @@ Forward + backward time (CUDA events, median of --iters after --warmup) and peak
   (no update), ours vs eager vs compiled vs LigerRMSNorm.
 - head + cross-entropy, hidden [N, D] bf16, weight [V, D] fp32 under bf16 autocast (as the trainer):
   ours chunked at several chunk sizes / liger-kernel's LigerFusedLinearCrossEntropyLoss / plain fp32 logits.
+- SwiGLU of the MLP, y [N, 2H] bf16 -> h [N, H]: ours (kernels/swiglu) / torch.compile / liger-kernel's
+  SiLU-mul on the halves / eager.
 liger-kernel is optional: its rows say "skipped" with the reason when it cannot be imported.
 The floor column is the bytes each op must move at the device copy bandwidth (--bandwidth, TB/s).
 """
@@ -30,6 +33,7 @@ import torch  # noqa: E402
 from kernels.fused_norm import add_rms_norm  # noqa: E402
 from kernels.fused_norm.reference import add_rms_norm_reference, rms_norm_reference  # noqa: E402
 from kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from kernels.swiglu import swiglu  # noqa: E402
 
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -142,6 +146,29 @@ def norm_rows(n: int, d: int, warmup: int, iters: int, bandwidth: float) -> list
     return rows
 
 
+def _plain_swiglu(y: torch.Tensor) -> torch.Tensor:
+    value, gate = y.chunk(2, dim=-1)
+    return value * torch.nn.functional.silu(gate)
+
+
+def swiglu_rows(n: int, hidden: int, warmup: int, iters: int, bandwidth: float) -> list[dict]:
+    """The MLP's SwiGLU on fc1's bf16 output y [N, 2H]: ours (kernels/swiglu) / torch.compile of the plain
+    chunk + silu + mul (what the compiled blocks ran before) / liger-kernel's SiLU-mul on the two halves / eager."""
+    y = torch.randn(n, 2 * hidden, device="cuda", dtype=BF16, requires_grad=True)
+    compiled = torch.compile(_plain_swiglu)
+    impls = {"ours (triton)": lambda: [swiglu(y)], "torch.compile": lambda: [compiled(y)],
+             "eager": lambda: [_plain_swiglu(y)]}
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        impls["liger (halves)"] = lambda: [LigerSiLUMulFunction.apply(*reversed(y.chunk(2, dim=-1)))]
+    except Exception as err:
+        print(f"  liger swiglu skipped: {type(err).__name__}: {str(err)[:80]}")
+    # forward: read y (2H x 2 B), write h (H x 2 B); backward: read y and dh, write dy
+    floor = n * hidden * 2 * (2 + 1 + 2 + 1 + 2) / (bandwidth * 1e12) * 1e3
+    return [_time_row("swiglu", n, hidden, name, fn, [y], warmup, iters, floor) for name, fn in impls.items()]
+
+
 def _time_row(
     op: str, n: int, d: int, impl: str, fn, leaves, warmup: int, iters: int, floor_ms: float
 ) -> dict:
@@ -214,13 +241,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--bandwidth", type=float, default=4.25, help="device copy bandwidth, TB/s")
-    parser.add_argument("--only", default="norm,loss")
+    parser.add_argument("--hidden", type=int, default=3584, help="MLP hidden width H (based_1b_50b: 3584)")
+    parser.add_argument("--only", default="norm,loss,swiglu")
     parser.add_argument("--out", default="runs/bench/glue.json")
     args = parser.parse_args()
     rows: list[dict] = []
     for n in map(int, args.tokens.split(",")):
         if "norm" in args.only:
             rows += norm_rows(n, args.dim, args.warmup, args.iters, args.bandwidth)
+        if "swiglu" in args.only:
+            rows += swiglu_rows(n, args.hidden, args.warmup, args.iters, args.bandwidth)
         if "loss" in args.only:
             chunks = [int(c) for c in args.chunks.split(",") if int(c) <= n]
             rows += loss_rows(n, args.dim, args.vocab, chunks, args.warmup, args.iters, args.bandwidth)

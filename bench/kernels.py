@@ -1,6 +1,7 @@
 """Kernel benchmark on one CUDA GPU: our Triton kernels against peers and the computed floor.
 
     python bench/kernels.py [--out results.json] [--sweep [--sweep-only]] [--skip-peers] [--only la,swa,conv,decode]
+                            [--only tk --tk-dir TK_DIR]   # ThunderKittens' Based forward (bench/tk_based.sh)
 
 --sweep times candidate tiles per shape (linear attention: Dv 64/112/128 x T; window: (W, D) of the
 published models) against the built-in defaults and prints the winners as kernels/tiles.py entries for
@@ -583,6 +584,9 @@ def main() -> None:
                         help="time each eager call with events (default: replays of a CUDA graph of many calls)")
     parser.add_argument("--only", default="la,swa,conv,decode", help="comma list of sections")
     parser.add_argument("--seqlens", default=None, help="comma list of T (default 2048,4096,8192)")
+    parser.add_argument("--tk-dir", type=Path, default=None,
+                        help="section tk: a ThunderKittens checkout built by bench/tk_based.sh (its Based "
+                             "forward against ours at its shape)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -623,6 +627,8 @@ def main() -> None:
             bench_short_conv(ceil, rows)
         if "decode" in sections:
             bench_decode(ceil, rows)
+        if "tk" in sections:
+            _bench_tk(args.tk_dir, rows)
     except Exception:
         traceback.print_exc()
     finally:
@@ -642,6 +648,18 @@ def main() -> None:
                     indent=1,
                 )
             )
+
+
+def _bench_tk(tk_dir: Path | None, rows: list) -> None:
+    from bench.tk_peer import bench_tk
+
+    if tk_dir is None:
+        print("  [tk] skipped: pass --tk-dir (a ThunderKittens checkout built by bench/tk_based.sh)", flush=True)
+        return
+    try:
+        bench_tk(tk_dir, rows)
+    except ImportError as err:
+        print(f"  [tk] skipped: {err}", flush=True)
 
 
 def _jsonable(found: dict) -> dict:

@@ -4,7 +4,7 @@
 #   bash bench/tk_based.sh TK_DIR          # TK_DIR: a checkout of HazyResearch/ThunderKittens (measured: 0b55588)
 #
 # Builds TK_DIR/kernels/based/_C*.so with TK's own Makefile (sm_90a, PyTorch-extension mode; about a minute),
-# then `python bench/la_fused.py --tk-dir TK_DIR` and `python bench/kernels.py --tk-dir TK_DIR` time it.
+# then `python bench/kernels.py --only tk --tk-dir TK_DIR` (and `python bench/la_fused.py --tk-dir TK_DIR`) time it.
 # Needs nvcc (CUDA 12.x/13.x), a CUDA build of torch, pybind11 and a Hopper GPU; exits 2 with a message when
 # a piece is missing. Nothing of TK is vendored here: clone it yourself.
 set -euo pipefail

@@ -10,7 +10,8 @@ import kernels._common
 
 TRITON_MODULES = ("kernels.taylor_linear_attn.triton_impl", "kernels.taylor_linear_attn.fused_impl",
                   "kernels.sliding_window.triton_impl", "kernels.short_conv.triton_impl",
-                  "kernels.fused_norm.triton_impl", "kernels.linear_cross_entropy.triton_impl")
+                  "kernels.fused_norm.triton_impl", "kernels.linear_cross_entropy.triton_impl",
+                  "kernels.swiglu.triton_impl")
 
 
 def _decorate_for_interpreter() -> None:
@@ -24,7 +25,7 @@ def _decorate_for_interpreter() -> None:
     for name in TRITON_MODULES:
         module = sys.modules.get(name) or importlib.import_module(name)
         kernel = next(getattr(module, k) for k in ("_fwd_kernel", "_fused_fwd_kernel", "_rms_norm_fwd_kernel",
-                                                   "_ce_stats_kernel") if hasattr(module, k))
+                                                   "_ce_stats_kernel", "_swiglu_fwd_kernel") if hasattr(module, k))
         if not isinstance(kernel, InterpretedFunction):
             importlib.reload(module)
 
