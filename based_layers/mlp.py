@@ -1,15 +1,14 @@
 """SwiGLU MLP as published (flash-attn GatedMlp): fc1 d -> 2H, first half value, second half gate.
 
 `backend` "triton" ("auto": on CUDA tensors) runs value * silu(gate) and its backward as one kernel each
-(kernels/swiglu) over fc1's output; "reference" is the plain chunk + silu + mul. Tensor-parallel DTensor
-outputs take the plain form.
+(kernels/swiglu) over fc1's output; "reference" is the plain chunk + silu + mul. Under tensor parallelism fc1
+is column-parallel with a local output (each rank's [value | gate] rows), which the kernel takes as it is.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 from based_layers.config import resolve_backend
@@ -26,7 +25,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]: fc2(value * silu(gate))."""
         y = self.fc1(x)
-        if not isinstance(y, DTensor) and resolve_backend(self.backend, y) == "triton":
+        if resolve_backend(self.backend, y) == "triton":
             return self.fc2(swiglu(y, backend="triton"))
         value, gate = y.chunk(2, dim=-1)
         return self.fc2(value * F.silu(gate))

@@ -205,6 +205,12 @@ def test_submitit_requeues_past_three_time_outs(tmp_path, monkeypatch):
     from launch.submit import MAX_TIMEOUT_REQUEUES, make_executor
 
     monkeypatch.setattr("launch.submit.LOG_DIR", tmp_path / "logs")
+    # submitit's SlurmExecutor only looks for an `srun` on PATH; a stub keeps the test off the machine's Slurm
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     executor = make_executor("slurm", 1, 0, "x", "10", 60)
     assert executor.max_num_timeout == MAX_TIMEOUT_REQUEUES >= 100
 
