@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
+from triton.testing import do_bench
+
+from bench.profile_step import kernel_times
 
 SHAPE = (16, 16, 2048, 16, 64)  # B, H, T, F, Dv: TK's own benchmark shape
 
@@ -41,15 +44,7 @@ def kernel_ms(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(e.time_range.elapsed_us() for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    return total_us / calls / 1e3
-
-
-def eager_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return sum(kernel_times(prof).values()) / calls / 1e3
 
 
 def numerator_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -84,7 +79,7 @@ def bench_tk(tk_dir: Path, rows: list) -> None:
         err_ours = rel_err(ours()[:1].transpose(1, 2), num / den)
         row = {"op": "tk_shape_fwd", "shape": f"B{b} H{h} T{t} F{f} Dv{dv}", "T": t, "B": b,
                "tk_kernel_ms": kernel_ms(tk), "ours_kernel_ms": kernel_ms(ours),
-               "tk_eager_ms": eager_ms(tk), "ours_eager_ms": eager_ms(ours),
+               "tk_eager_ms": do_bench(tk, return_mode="median"), "ours_eager_ms": do_bench(ours, return_mode="median"),
                "tk_rel_err_numerator": err_tk, "ours_rel_err_output": err_ours}
     rows.append(row)
     print(f"tk shape fwd (B{b} H{h} T{t} F{f} Dv{dv}): GPU time TK {row['tk_kernel_ms']:.3f} ms, ours "

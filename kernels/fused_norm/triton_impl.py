@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import new_output, next_pow2, num_sms
+from .._common import new_output, next_pow2, num_sms, rows_2d
 
 
 @triton.jit
@@ -92,12 +92,6 @@ def _num_warps(block: int) -> int:
     return min(max(block // 256, 1), 16)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., D] -> [rows, D] with a unit column stride (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 @torch.library.custom_op("based::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(
     x: torch.Tensor,
@@ -112,13 +106,13 @@ def add_rms_norm_fwd(
 
 
 def _fwd_body(x, update, weight, eps, out_dtype, residual_dtype):
-    x2 = _rows(x)
+    x2 = rows_2d(x)
     rows, dim = x2.shape
     y = new_output(x.shape, out_dtype, x.device)
     rstd = new_output((rows,), torch.float32, x.device)
     has_update = update is not None
     residual = new_output(x.shape if has_update else (0,), residual_dtype, x.device)
-    u2 = _rows(update) if has_update else x2
+    u2 = rows_2d(update) if has_update else x2
     r2 = residual.view(rows, dim) if has_update else y.view(rows, dim)
     if rows:
         block = next_pow2(dim)
@@ -168,14 +162,14 @@ def add_rms_norm_bwd(
 
 
 def _bwd_body(dy, dresidual, residual, weight, rstd, dx_dtype, du_dtype):
-    r2, dy2 = _rows(residual), _rows(dy)
+    r2, dy2 = rows_2d(residual), rows_2d(dy)
     rows, dim = r2.shape
     dx = new_output(residual.shape, dx_dtype, dy.device)
     du = new_output(residual.shape if du_dtype is not None else (0,), du_dtype or dx_dtype, dy.device)
     programs = max(1, min(rows, 2 * num_sms(dy.device)))
     rows_per_program = triton.cdiv(rows, programs) if rows else 0
     dw_part = new_output((programs, dim), torch.float32, dy.device)
-    dr2 = _rows(dresidual) if dresidual is not None else dy2
+    dr2 = rows_2d(dresidual) if dresidual is not None else dy2
     du2 = du.view(rows, dim) if du_dtype is not None else dx.view(rows, dim)
     block = next_pow2(dim)
     if rows:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import new_output
+from .._common import new_output, rows_2d
 
 BLOCK_M = 4
 MAX_BLOCK_N = 1024
@@ -48,12 +48,6 @@ def _swiglu_bwd_kernel(Y, DH, DY, M, N, sy, sdh, sdy, BLOCK_M: tl.constexpr, BLO
     tl.store(dy_ptr + N, d_gate.to(DY.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., C] -> [rows, C] with a unit column stride (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _launch(kernel, rows: int, hidden: int, *args) -> None:
     block_n = min(MAX_BLOCK_N, triton.next_power_of_2(max(hidden, 1)))
     if rows and hidden:
@@ -68,7 +62,7 @@ def swiglu_fwd(y: torch.Tensor) -> torch.Tensor:
 
 
 def _fwd_body(y: torch.Tensor) -> torch.Tensor:
-    y2 = _rows(y)
+    y2 = rows_2d(y)
     rows, hidden = y2.shape[0], y2.shape[1] // 2
     h = new_output((*y.shape[:-1], hidden), y.dtype, y.device)
     _launch(_swiglu_fwd_kernel, rows, hidden, y2, h.view(rows, hidden), rows, hidden, y2.stride(0), hidden)
@@ -87,7 +81,7 @@ def swiglu_bwd(dh: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _bwd_body(dh: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    y2, dh2 = _rows(y), _rows(dh)
+    y2, dh2 = rows_2d(y), rows_2d(dh)
     rows, hidden = y2.shape[0], y2.shape[1] // 2
     dy = new_output(y.shape, y.dtype, y.device)
     _launch(_swiglu_bwd_kernel, rows, hidden, y2, dh2, dy.view(rows, 2 * hidden), rows, hidden, y2.stride(0),
