@@ -33,7 +33,7 @@ class Block(nn.Module):
             return residual.float() + update.float()
         return residual + update.to(residual.dtype)
 
-    def _add_norm(self, norm: RMSNorm, residual: torch.Tensor, update: torch.Tensor):
+    def add_norm(self, norm: RMSNorm, residual: torch.Tensor, update: torch.Tensor):
         """(norm(residual + update), residual + update): one kernel when the norm is fused."""
         if norm.fused(residual):
             dtype = torch.float32 if self.residual_in_fp32 else residual.dtype
@@ -53,7 +53,7 @@ class Block(nn.Module):
         """The residual stream after the mixer's output `mixed` and the MLP."""
         if self.mlp is None:
             return self._add(x, mixed)
-        h, x = self._add_norm(self.norm2, x, mixed)
+        h, x = self.add_norm(self.norm2, x, mixed)
         return self._add(x, self.mlp(h))
 
     def step(self, x: torch.Tensor, state: dict, reset: torch.Tensor | None = None):

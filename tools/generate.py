@@ -38,6 +38,7 @@ from based_layers.mixers.linear_attention import LinearAttention  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.decode_linear import decode_linear  # noqa: E402
 from kernels.tiles import decode_linear_tiles  # noqa: E402
+from tools.deferred_adds import block_step_deferred, head_step_deferred  # noqa: E402
 
 ATTENTION_BUCKET = 128
 # what StaticKVAttention attends the cache with (see its docstring)
@@ -415,25 +416,36 @@ def _head_step_fast(model, h: torch.Tensor, vocab: int, greedy: bool):
     return _head_step(model, h, vocab, greedy)
 
 
-_COMPILED: dict[tuple[str, bool], tuple] = {}
+def _region_functions(fast_linears: bool, defer_adds: bool) -> tuple:
+    """(block step, head step) of a StaticStep form: the deferred-add steps take (block, x, pending, state)
+    and (model, x, pending, vocab, greedy), the others (block, h, state) and (model, h, vocab, greedy)."""
+    if defer_adds:
+        return block_step_deferred, head_step_deferred
+    return (_block_step_fast, _head_step_fast) if fast_linears else (_block_step, _head_step)
+
+
+_COMPILED: dict[tuple[str, bool, bool], tuple] = {}
 # StaticStep's default for `fast_linears` (benches set it False to time cuBLAS everywhere, e.g. --linears cublas)
 FAST_LINEARS = True
 # Under fast_linears, also the linear-attention layers' q, k, v as one product (benches: --linears unfused off)
 FUSE_QKV = True
-# The benches' --linears: "table" (both of the above), "unfused" (decode_linear, the projections apart),
-# "cublas" (neither: every product on cuBLAS, as torch's linear runs it)
-LINEAR_CHOICES = ("table", "unfused", "cublas")
+# Under fast_linears, also each block's last residual add deferred into the next block's fused add + RMSNorm
+# (tools/deferred_adds.py; benches: --linears table off)
+DEFER_ADDS = True
+# The benches' --linears: "fused" (all of the above), "table" (decode_linear and the stacked q, k, v),
+# "unfused" (decode_linear, the projections apart), "cublas" (none: every product on cuBLAS)
+LINEAR_CHOICES = ("fused", "table", "unfused", "cublas")
 
 
 def set_linears(choice: str) -> None:
-    """FAST_LINEARS and FUSE_QKV for every StaticStep made after this, by a LINEAR_CHOICES name."""
-    global FAST_LINEARS, FUSE_QKV
+    """FAST_LINEARS, FUSE_QKV and DEFER_ADDS for every StaticStep made after this, by a LINEAR_CHOICES name."""
+    global FAST_LINEARS, FUSE_QKV, DEFER_ADDS
     if choice not in LINEAR_CHOICES:
         raise ValueError(f"linears={choice!r}; expected one of {LINEAR_CHOICES}")
-    FAST_LINEARS, FUSE_QKV = choice != "cublas", choice == "table"
+    FAST_LINEARS, FUSE_QKV, DEFER_ADDS = choice != "cublas", choice in ("fused", "table"), choice == "fused"
 
 
-def compiled_regions(mode: str, fast_linears: bool = False) -> tuple:
+def compiled_regions(mode: str, fast_linears: bool = False, defer_adds: bool = False) -> tuple:
     """(block step, head step) compiled by torch.compile with `mode` ("default", "max-autotune-no-cudagraphs", ...;
     "dynamo" traces with the eager backend).
 
@@ -442,9 +454,10 @@ def compiled_regions(mode: str, fast_linears: bool = False) -> tuple:
     every layer of that type. Inside a region inductor fuses the residual adds, the fp32 RMSNorms and their
     casts, the MLP gate and the mixers' elementwise work around the matrix products and the mixer kernels.
     Not "reduce-overhead": StaticStep captures the CUDA graph itself, over the whole step. `fast_linears`: the
-    regions StaticStep runs with the decode_linear swap (separate functions, so separate compiled graphs).
+    regions StaticStep runs with the decode_linear swap (separate functions, so separate compiled graphs);
+    `defer_adds`: tools/deferred_adds.py's block and head steps (under the swap).
     """
-    key = (mode, fast_linears)
+    key = (mode, fast_linears, defer_adds)
     if key not in _COMPILED:
         import torch._dynamo
 
@@ -453,7 +466,7 @@ def compiled_regions(mode: str, fast_linears: bool = False) -> tuple:
         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
         # "dynamo": Dynamo's tracing and graph breaks with the eager backend (no inductor; fast, for CPU tests)
         options = {"backend": "eager"} if mode == "dynamo" else {"mode": mode}
-        block, head = (_block_step_fast, _head_step_fast) if fast_linears else (_block_step, _head_step)
+        block, head = _region_functions(fast_linears, defer_adds)
         _COMPILED[key] = (torch.compile(block, **options), torch.compile(head, **options))
     return _COMPILED[key]
 
@@ -472,16 +485,18 @@ class StaticStep:
     batches. `fast_linears` (default: the module's FAST_LINEARS) runs the Linear layers whose shapes
     kernels/tiles.py lists on decode_linear (measured faster than cuBLAS at a decode step's few rows; nothing
     changes where the table has no entry) and, with FUSE_QKV, each linear-attention layer's three input
-    projections as one product (_FusedQKV).
+    projections as one product (_FusedQKV). `defer_adds` (default DEFER_ADDS; with fast_linears only) runs
+    the blocks in tools/deferred_adds.py's form: each block's last residual add inside the next fused norm.
     """
 
     def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True,
                  compile_mode: str | None = None, greedy: bool = False, warm_up_restores: bool = True,
-                 fast_linears: bool | None = None) -> None:
+                 fast_linears: bool | None = None, defer_adds: bool | None = None) -> None:
         self.model = model
         fast = FAST_LINEARS if fast_linears is None else fast_linears
         fused = fused_qkv_layers(model) if fast and FUSE_QKV else []
         self.linears = decode_linear_layers(model) + fused if fast else []
+        self.defer_adds = fast and (DEFER_ADDS if defer_adds is None else defer_adds)
         self.warm_up_restores = warm_up_restores
         self.state = state
         self.use_graphs = use_graphs
@@ -502,16 +517,25 @@ class StaticStep:
 
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor | None, list[dict]]:
         """-> (logits [B, V], greedy token [B] or None, new state)."""
-        if self.compile_mode is None:
+        if self.compile_mode is None and not self.defer_adds:
             logits, new_state = self.model.step(self.token, self.state)
             return logits, (logits[:, : self.vocab].argmax(-1) if self.greedy else None), new_state
-        block_step, head_step = compiled_regions(self.compile_mode, bool(self.linears))
+        fast = bool(self.linears)
+        if self.compile_mode is None:
+            block_step, head_step = _region_functions(fast, self.defer_adds)
+        else:
+            block_step, head_step = compiled_regions(self.compile_mode, fast, self.defer_adds)
         h = self.model.transformer.embeddings(self.token)
+        pending = None
         new_state = []
         for block, layer_state in zip(self.model.transformer.layers.values(), self.state, strict=True):
-            h, layer_state = block_step(block, h, layer_state)
+            if self.defer_adds:
+                h, pending, layer_state = block_step(block, h, pending, layer_state)
+            else:
+                h, layer_state = block_step(block, h, layer_state)
             new_state.append(layer_state)
-        logits, token = head_step(self.model, h, self.vocab, self.greedy)
+        head_args = (h, pending) if self.defer_adds else (h,)
+        logits, token = head_step(self.model, *head_args, self.vocab, self.greedy)
         return logits, token, new_state
 
     def _body(self) -> torch.Tensor:

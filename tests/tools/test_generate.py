@@ -32,6 +32,17 @@ def _eager_steps(model, ids, docs, steps: int):
     return tokens, eager
 
 
+def _model_step_logits(model, ids, docs, tokens) -> torch.Tensor:
+    """Logits [steps, B, V] of model.step on tokens [steps, B] after a prefill of ids."""
+    with torch.inference_mode():
+        _, state = model.prefill(ids, docs)
+        eager = []
+        for token in tokens:
+            logits, state = model.step(token, state)
+            eager.append(logits)
+    return torch.stack(eager)
+
+
 def _prompts(vocab=200):
     g = torch.Generator().manual_seed(3)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (11, 3, 7)]
@@ -398,17 +409,13 @@ def test_static_kv_attention_cores_equal_the_eager_step(core, monkeypatch):
     ids, docs = left_pad(_prompts(), 0, TRITON_DEVICE)
     steps = 11
     tokens = torch.randint(0, 200, (steps, 3), generator=torch.Generator().manual_seed(0)).to(TRITON_DEVICE)
+    eager = _model_step_logits(model, ids, docs, tokens)
     with torch.inference_mode():
-        _, state = model.prefill(ids, docs)
-        eager = []
-        for token in tokens:
-            logits, state = model.step(token, state)
-            eager.append(logits)
         _, state = model.prefill(ids, docs)
         with static_attention(model, state, ids.shape[1] + steps, core) as static_state:
             step = StaticStep(model, static_state, 3, use_graphs=False)
             static = [step(token).clone() for token in tokens]
-    torch.testing.assert_close(torch.stack(static), torch.stack(eager), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(static), eager, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_step_on_the_triton_mixers_has_no_graph_break():
@@ -461,6 +468,16 @@ def test_fused_qkv_stacks_are_kept_per_layer_and_remade_after_a_weight_change():
     assert alive() is None
 
 
+def _static_logits(model, ids, docs, tokens, **step_options) -> torch.Tensor:
+    """Logits [steps, B, V] of an eager StaticStep through Dynamo's tracing (no graphs) after a prefill."""
+    with torch.inference_mode():
+        _, state = model.prefill(ids, docs)
+        with static_attention(model, state, ids.shape[1] + len(tokens)) as static_state:
+            step = StaticStep(model, static_state, ids.shape[0], use_graphs=False, compile_mode="dynamo",
+                              **step_options)
+            return torch.stack([step(t).clone() for t in tokens])
+
+
 def test_static_step_runs_listed_linears_on_decode_linear(monkeypatch):
     """StaticStep(fast_linears=True) runs the Linear layers whose shapes kernels/tiles.py lists on decode_linear
     (the Triton kernel: the interpreter on CPU), through Dynamo with no graph break: the same logits as the
@@ -495,13 +512,47 @@ def test_static_step_runs_listed_linears_on_decode_linear(monkeypatch):
     torch._dynamo.utils.counters.clear()
     for fast in (False, True, False):  # each way in one process: the compiled regions must not be shared
         launches.clear()
-        with torch.inference_mode():
-            _, state = model.prefill(ids, docs)
-            with static_attention(model, state, ids.shape[1] + 4) as static_state:
-                step = StaticStep(model, static_state, 3, use_graphs=False, compile_mode="dynamo", fast_linears=fast)
-                outs[fast] = torch.stack([step(t).float() for t in tokens])
+        outs[fast] = _static_logits(model, ids, docs, tokens, fast_linears=fast, defer_adds=False).float()
         assert len(launches) == (n_listed * len(tokens) if fast else 0)
         assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
         assert [b.mixer for b in model.transformer.layers.values() if type(b.mixer) is gen.LinearAttention] == la
     torch.testing.assert_close(outs[True], outs[False], rtol=3e-2, atol=3e-2)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deferred_adds_step_equals_the_plain_step(family, dtype):
+    """StaticStep(defer_adds=True) (tools/deferred_adds.py: each block's last residual add inside the next
+    block's fused add + RMSNorm) gives the plain step's logits exactly, through Dynamo with no graph break
+    (StaticKVAttention's cache read is opaque by design), and model.step's within rounding."""
+    import torch._dynamo
+
+    model = tiny_model(family).to(dtype)
+    ids, docs = left_pad(_prompts(), 5)
+    tokens = torch.randint(0, 200, (4, 3), generator=torch.Generator().manual_seed(1))
+    outs = {}
+    torch._dynamo.utils.counters.clear()
+    for defer in (False, True):
+        outs[defer] = _static_logits(model, ids, docs, tokens, fast_linears=True, defer_adds=defer)
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+    breaks = {k: v for k, v in torch._dynamo.utils.counters["graph_break"].items() if "StaticKVAttention" not in k}
+    assert not breaks, breaks
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(outs[True].float(), _model_step_logits(model, ids, docs, tokens).float(), rtol=tol,
+                               atol=tol)
+
+
+def test_set_linears_picks_each_form():
+    """The benches' --linears: fused (every decode-step fusion), table (no deferred adds), unfused, cublas."""
+    saved = (gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS)
+    try:
+        expected = {"fused": (True, True, True), "table": (True, True, False), "unfused": (True, False, False),
+                    "cublas": (False, False, False)}
+        for choice, flags in expected.items():
+            gen.set_linears(choice)
+            assert (gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS) == flags, choice
+        with pytest.raises(ValueError, match="expected one of"):
+            gen.set_linears("fastest")
+    finally:
+        gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS = saved
