@@ -8,6 +8,9 @@ CUDA graph of 64 products cycling over copies of the weight that together exceed
 reads every weight once, cold), so it includes the gaps between kernels that a graph replay has. Prints a
 table with GB/s against the copy bandwidth and, for the shapes where the best tile beats cuBLAS by 3% or
 more at every row count up to some M, the kernels/tiles.py DECODE_LINEAR_TILES entries (max_rows = that M).
+
+`--swiglu` times decode_swiglu (fc1 and the SwiGLU gate in one kernel) over a grid of tiles against the two
+kernels it replaces (torch's linear for fc1, then the SwiGLU op) at the 1.3B configs' fc1 shapes.
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ sys.path.insert(0, str(ROOT))
 from based_layers import build_model  # noqa: E402
 from based_layers.mixers.linear_attention import LinearAttention  # noqa: E402
 from bench.generation import CONFIGS, copy_bandwidth, model_config  # noqa: E402
-from kernels.decode_linear import decode_linear  # noqa: E402
+from kernels.decode_linear import SWIGLU_TILES, decode_linear, decode_swiglu  # noqa: E402
+from kernels.swiglu import swiglu  # noqa: E402
 
 TILE_GRID = ([dict(block_n=bn, block_k=bk, num_stages=st, num_warps=4)
               for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 5))]
              + [dict(block_n=16, block_k=512, num_stages=3, num_warps=4),
                 dict(block_n=32, block_k=512, num_stages=3, num_warps=8),
                 dict(block_n=64, block_k=128, num_stages=4, num_warps=8)])
+SWIGLU_GRID = [dict(block_n=bn, block_k=bk, num_stages=st, num_warps=4)
+               for bn, bk, st in ((16, 256, 3), (32, 128, 5), (32, 256, 3), (64, 128, 4), (16, 512, 3))]
+# fc1 [2H, K] of the 1.3B configs with a GatedMLP: Based, Transformer++
+SWIGLU_SHAPES = ((1792, 7168), (1680, 8960))
 L2_BYTES = 50 * 2**20
 WIN = 0.97
 
@@ -106,6 +114,47 @@ def bench_shape(k: int, n: int, has_bias: bool, rows_list: list[int]) -> dict:
     return out
 
 
+def bench_swiglu(k: int, n: int, rows_list: list[int]) -> dict:
+    """us per call of decode_swiglu over SWIGLU_GRID (SWIGLU_TILES marked) and of fc1 on cuBLAS + the SwiGLU op."""
+    copies = max(2, min(64, -(-4 * L2_BYTES // (2 * k * n))))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+    out = {"K": k, "N": n, "rows": {}}
+    for rows in rows_list:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        ref = swiglu(F.linear(x, weights[0])).float()
+        entry = {"unfused_us": graph_us(lambda x, w, b: swiglu(F.linear(x, w)), x, weights, [None] * copies),
+                 "tiles": []}
+        for tiles in SWIGLU_GRID + ([SWIGLU_TILES] if SWIGLU_TILES not in SWIGLU_GRID else []):
+            with torch.no_grad():
+                err = ((decode_swiglu(x, weights[0], **tiles).float() - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:
+                print(f"  K{k} N{n} M{rows} {tiles}: relative error {err:.2e} against the unfused pair", flush=True)
+                continue
+            us = graph_us(lambda x, w, b, t=tiles: decode_swiglu(x, w, **t), x, weights, [None] * copies)
+            entry["tiles"].append({**tiles, "us": us, "default": tiles == SWIGLU_TILES})
+        entry["tiles"].sort(key=lambda t: t["us"])
+        out["rows"][rows] = entry
+    del weights
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_swiglu(rows_list: list[int]) -> list[dict]:
+    """bench_swiglu at every SWIGLU_SHAPES entry; one printed row per shape."""
+    results = []
+    for k, n in SWIGLU_SHAPES:
+        result = bench_swiglu(k, n, rows_list)
+        results.append(result)
+        cells = []
+        for rows, e in result["rows"].items():
+            best = e["tiles"][0] if e["tiles"] else {"us": float("nan"), "block_n": 0, "block_k": 0, "num_stages": 0}
+            default = next((t["us"] for t in e["tiles"] if t["default"]), float("nan"))
+            cells.append(f"M{rows}: unfused {e['unfused_us']:.2f} default {default:.2f} best {best['us']:.2f} "
+                         f"({best['block_n']}/{best['block_k']}/{best['num_stages']})")
+        print(f"| fc1 + gate K{k} N{n} | " + " | ".join(cells) + " |", flush=True)
+    return results
+
+
 def table_entry(result: dict) -> dict | None:
     """The tile that is fastest summed over the row counts where it beats cuBLAS, with max_rows; None if none."""
     best = None
@@ -128,11 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="based,attn,mamba")
     parser.add_argument("--rows", default="1,16")
+    parser.add_argument("--swiglu", action="store_true", help="time decode_swiglu (fc1 + gate) instead")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "decode_linear.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/decode_linear.py needs a CUDA GPU")
     rows_list = [int(r) for r in args.rows.split(",")]
+    if args.swiglu:
+        results = run_swiglu(rows_list)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "swiglu": results}, indent=1))
+        return 0
     bandwidth = copy_bandwidth()
     results, found = [], {}
     for (k, n, has_bias), users in sorted(weight_shapes(args.models.split(",")).items()):

@@ -1015,8 +1015,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=tools_generate.LINEAR_CHOICES,
         help="the decode step's Linear layers: decode_linear at the shapes kernels/tiles.py lists, each "
         "linear-attention layer's q, k, v as one product, and each block's last residual add deferred into the "
-        "next fused add + RMSNorm (fused); the same without the deferred adds (table); decode_linear alone "
-        "(unfused); or cuBLAS everywhere",
+        "next fused add + RMSNorm (fused); the same plus fc1 and the SwiGLU gate as one kernel (gated; not yet "
+        "measured); without the deferred adds (table); decode_linear alone (unfused); or cuBLAS everywhere",
     )
     parser.add_argument("--fit-tries", type=int, default=5, help="allocations per 'most sequences' check")
     parser.add_argument(

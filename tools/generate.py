@@ -35,8 +35,9 @@ if __package__ in (None, ""):
 
 from based_layers.mixers.attention import CausalSelfAttention  # noqa: E402
 from based_layers.mixers.linear_attention import LinearAttention  # noqa: E402
+from based_layers.mlp import GatedMLP  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
-from kernels.decode_linear import decode_linear  # noqa: E402
+from kernels.decode_linear import decode_linear, decode_swiglu, swiglu_applies  # noqa: E402
 from kernels.tiles import decode_linear_tiles  # noqa: E402
 from tools.deferred_adds import block_step_deferred, head_step_deferred  # noqa: E402
 
@@ -384,6 +385,39 @@ def fused_qkv_layers(model) -> list[tuple[nn.Module, str, LinearAttention, _Fuse
     return swaps
 
 
+class _DecodeGatedMLP(nn.Module):
+    """A GatedMLP whose decode step runs fc1 and the SwiGLU gate as one kernel (decode_swiglu) where it applies
+    (at most 16 rows of half-precision inputs), then the MLP's fc2 (under the swap: its _DecodeLinear when the
+    table lists it); elsewhere the MLP itself."""
+
+    def __init__(self, mlp: GatedMLP) -> None:
+        super().__init__()
+        # weak: the cache below maps the MLP to this object, which must not keep the MLP alive
+        self._base = weakref.ref(mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self._base()
+        if mlp.fc1.bias is None and swiglu_applies(x, mlp.fc1.weight):
+            return mlp.fc2(decode_swiglu(x, mlp.fc1.weight))
+        return mlp(x)
+
+
+_GATED_MLPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gated_mlp_layers(model) -> list[tuple[nn.Module, str, GatedMLP, _DecodeGatedMLP]]:
+    """(block, "mlp", GatedMLP, its _DecodeGatedMLP) for every block with a GatedMLP, one object per MLP for its
+    lifetime (like _DecodeLinear)."""
+    swaps = []
+    for block in model.transformer.layers.values():
+        if type(getattr(block, "mlp", None)) is GatedMLP:
+            fast = _GATED_MLPS.get(block.mlp)
+            if fast is None:
+                fast = _GATED_MLPS[block.mlp] = _DecodeGatedMLP(block.mlp)
+            swaps.append((block, "mlp", block.mlp, fast))
+    return swaps
+
+
 def decode_linear_layers(model) -> list[tuple[nn.Module, str, nn.Linear, _DecodeLinear]]:
     """(parent, attribute, nn.Linear, its _DecodeLinear) for the model's Linear layers whose weight shape has a
     decode_linear entry on their device kind."""
@@ -394,8 +428,8 @@ def decode_linear_layers(model) -> list[tuple[nn.Module, str, nn.Linear, _Decode
 
 @contextlib.contextmanager
 def decode_linears(swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]):
-    """While active, each listed module (a Linear layer, a linear-attention mixer) is replaced in its parent by
-    its decode form (_DecodeLinear, _FusedQKV), and put back after."""
+    """While active, each listed module (a Linear layer, a linear-attention mixer, a GatedMLP) is replaced in its
+    parent by its decode form (_DecodeLinear, _FusedQKV, _DecodeGatedMLP), and put back after."""
     for parent, name, _, fast in swaps:
         setattr(parent, name, fast)
     try:
@@ -432,17 +466,22 @@ FUSE_QKV = True
 # Under fast_linears, also each block's last residual add deferred into the next block's fused add + RMSNorm
 # (tools/deferred_adds.py; benches: --linears table off)
 DEFER_ADDS = True
-# The benches' --linears: "fused" (all of the above), "table" (decode_linear and the stacked q, k, v),
-# "unfused" (decode_linear, the projections apart), "cublas" (none: every product on cuBLAS)
-LINEAR_CHOICES = ("fused", "table", "unfused", "cublas")
+# Under fast_linears, also fc1 and the SwiGLU gate as one kernel (_DecodeGatedMLP). Off until measured on a
+# GPU (docs/PERFORMANCE.md, ninth session: built after the device time ran out); benches: --linears gated
+FUSE_GATE = False
+# The benches' --linears: "gated" (all of the above), "fused" (all but the gate), "table" (decode_linear and the
+# stacked q, k, v), "unfused" (decode_linear, the projections apart), "cublas" (none: every product on cuBLAS)
+LINEAR_CHOICES = ("gated", "fused", "table", "unfused", "cublas")
 
 
 def set_linears(choice: str) -> None:
-    """FAST_LINEARS, FUSE_QKV and DEFER_ADDS for every StaticStep made after this, by a LINEAR_CHOICES name."""
-    global FAST_LINEARS, FUSE_QKV, DEFER_ADDS
+    """FAST_LINEARS, FUSE_QKV, DEFER_ADDS and FUSE_GATE for every StaticStep made after this, by a
+    LINEAR_CHOICES name."""
+    global FAST_LINEARS, FUSE_QKV, DEFER_ADDS, FUSE_GATE
     if choice not in LINEAR_CHOICES:
         raise ValueError(f"linears={choice!r}; expected one of {LINEAR_CHOICES}")
-    FAST_LINEARS, FUSE_QKV, DEFER_ADDS = choice != "cublas", choice in ("fused", "table"), choice == "fused"
+    FAST_LINEARS, FUSE_QKV = choice != "cublas", choice in ("gated", "fused", "table")
+    DEFER_ADDS, FUSE_GATE = choice in ("gated", "fused"), choice == "gated"
 
 
 def compiled_regions(mode: str, fast_linears: bool = False, defer_adds: bool = False) -> tuple:
@@ -487,15 +526,18 @@ class StaticStep:
     changes where the table has no entry) and, with FUSE_QKV, each linear-attention layer's three input
     projections as one product (_FusedQKV). `defer_adds` (default DEFER_ADDS; with fast_linears only) runs
     the blocks in tools/deferred_adds.py's form: each block's last residual add inside the next fused norm.
+    `fuse_gate` (default FUSE_GATE; with fast_linears only) runs each GatedMLP's fc1 and gate as one kernel.
     """
 
     def __init__(self, model, state: list[dict], batch: int, use_graphs: bool = True,
                  compile_mode: str | None = None, greedy: bool = False, warm_up_restores: bool = True,
-                 fast_linears: bool | None = None, defer_adds: bool | None = None) -> None:
+                 fast_linears: bool | None = None, defer_adds: bool | None = None,
+                 fuse_gate: bool | None = None) -> None:
         self.model = model
         fast = FAST_LINEARS if fast_linears is None else fast_linears
         fused = fused_qkv_layers(model) if fast and FUSE_QKV else []
-        self.linears = decode_linear_layers(model) + fused if fast else []
+        gated = gated_mlp_layers(model) if fast and (FUSE_GATE if fuse_gate is None else fuse_gate) else []
+        self.linears = decode_linear_layers(model) + fused + gated if fast else []
         self.defer_adds = fast and (DEFER_ADDS if defer_adds is None else defer_adds)
         self.warm_up_restores = warm_up_restores
         self.state = state

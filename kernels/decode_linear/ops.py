@@ -36,3 +36,18 @@ def _backward(ctx, dy):
 
 
 decode_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("based::decode_swiglu", mutates_args=())
+def decode_swiglu_op(x: Tensor, weight: Tensor, block_n: int, block_k: int, num_stages: int,
+                     num_warps: int) -> Tensor:
+    """value * silu(gate) [M, H] of x [M, K] weight[2H, K]^T on the Triton kernel (no autograd: decode only)."""
+    from .triton_impl import decode_swiglu_triton
+
+    return decode_swiglu_triton(x, weight, block_n=block_n, block_k=block_k, num_stages=num_stages,
+                                num_warps=num_warps)
+
+
+@decode_swiglu_op.register_fake
+def _(x, weight, block_n, block_k, num_stages, num_warps):
+    return x.new_empty((x.shape[0], weight.shape[0] // 2))

@@ -21,14 +21,27 @@ BLOCK_M = MAX_ROWS  # x padded to this many rows for tl.dot (at least 16)
 
 
 @triton.jit
+def _program_tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's output columns (BN of N) and the BM padded rows, with their masks."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _dot(x, w, acc, EMULATE: tl.constexpr):
+    """acc + x [BM, BK] @ w [BN, BK]^T in fp32."""
+    if EMULATE:  # the interpreter's bf16 dot multiplies raw bit patterns (see taylor_linear_attn's _mm)
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    # fp32 inputs exact (not tf32); half inputs on the tensor cores as they are
+    return tl.dot(x, tl.trans(w), acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
+
+
+@triton.jit
 def _decode_linear_kernel(X, W, B, Y, M, N, K, sxm, swn, sym,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
                           EVEN_K: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_n = pid * BN + tl.arange(0, BN)
-    offs_m = tl.arange(0, BM)
-    mask_n = offs_n < N
-    mask_m = offs_m < M
+    offs_m, offs_n, mask_m, mask_n = _program_tile(M, N, BM, BN)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BK)
@@ -41,10 +54,7 @@ def _decode_linear_kernel(X, W, B, Y, M, N, K, sxm, swn, sym,
                         other=0.0)
             w = tl.load(W + offs_n[:, None].to(tl.int64) * swn + offs_k[None, :],
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if EMULATE:  # the interpreter's bf16 dot multiplies raw bit patterns (see taylor_linear_attn's _mm)
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:  # fp32 inputs exact (not tf32); half inputs on the tensor cores as they are
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
+        acc = _dot(x, w, acc, EMULATE)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], acc.to(Y.dtype.element_ty),
@@ -64,4 +74,51 @@ def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                                 weight.stride(0), y.stride(0), BM=BLOCK_M, BN=block_n, BK=block_k,
                                 HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, STAGES=num_stages,
                                 EMULATE=interpreting(), num_warps=num_warps)
+    return y
+
+
+@triton.jit
+def _decode_swiglu_kernel(X, W, Y, M, H, K, sxm, swn, sym,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                          STAGES: tl.constexpr, EMULATE: tl.constexpr):
+    """Y [M, H] = value * silu(gate) of x W^T, W [2H, K] = [value rows; gate rows] (fc1 of SwiGLU): each program
+    streams the value rows and the gate rows of its BN output columns, so the gate is applied in the epilogue
+    and fc1's [M, 2H] output is never written. value and gate are rounded to Y's dtype first, as fc1's output
+    would be before the SwiGLU op reads it."""
+    offs_m, offs_n, mask_m, mask_n = _program_tile(M, H, BM, BN)
+    acc_v = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    rows_v = W + offs_n[:, None].to(tl.int64) * swn
+    rows_g = W + (offs_n[:, None] + H).to(tl.int64) * swn
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BK)
+        if EVEN_K:
+            mask_x = mask_m[:, None]
+            mask_w = mask_n[:, None]
+        else:
+            mask_x = mask_m[:, None] & (offs_k < K)[None, :]
+            mask_w = mask_n[:, None] & (offs_k < K)[None, :]
+        x = tl.load(X + offs_m[:, None] * sxm + offs_k[None, :], mask=mask_x, other=0.0)
+        w_v = tl.load(rows_v + offs_k[None, :], mask=mask_w, other=0.0)
+        w_g = tl.load(rows_g + offs_k[None, :], mask=mask_w, other=0.0)
+        acc_v = _dot(x, w_v, acc_v, EMULATE)
+        acc_g = _dot(x, w_g, acc_g, EMULATE)
+    out_dt = Y.dtype.element_ty
+    value = acc_v.to(out_dt).to(tl.float32)
+    gate = acc_g.to(out_dt).to(tl.float32)
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], (value * gate * tl.sigmoid(gate)).to(out_dt),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def decode_swiglu_triton(x: torch.Tensor, weight: torch.Tensor, *, block_n: int, block_k: int, num_stages: int,
+                         num_warps: int) -> torch.Tensor:
+    """x [M, K] (M <= 16, unit last stride), weight [2H, K] contiguous -> value * silu(gate) [M, H]."""
+    rows, k = x.shape
+    hidden = weight.shape[0] // 2
+    y = new_output((rows, hidden), x.dtype, x.device)
+    if rows == 0 or hidden == 0:
+        return y
+    _decode_swiglu_kernel[(triton.cdiv(hidden, block_n),)](
+        x, weight, y, rows, hidden, k, x.stride(0), weight.stride(0), y.stride(0), BM=BLOCK_M, BN=block_n,
+        BK=block_k, EVEN_K=k % block_k == 0, STAGES=num_stages, EMULATE=interpreting(), num_warps=num_warps)
     return y

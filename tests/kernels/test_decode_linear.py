@@ -1,9 +1,10 @@
 """decode_linear (the decode step's Linear layers): the Triton kernel against the float64 reference, the
-custom op's opcheck, the table-driven choice of backend "auto", and the errors on bad input."""
+custom op's opcheck, the table-driven choice of backend "auto", and the errors on bad input; the same for
+decode_swiglu (fc1 and the SwiGLU gate in one kernel)."""
 
 import pytest
 import torch
-from kernel_checks import DEVICE, check_output_and_grads, leaves
+from kernel_checks import DEVICE, assert_close, check_output_and_grads, leaves
 
 pytest.importorskip("triton")
 
@@ -11,6 +12,9 @@ from kernels import tiles  # noqa: E402
 from kernels.decode_linear import (  # noqa: E402
     decode_linear,
     decode_linear_reference,
+    decode_swiglu,
+    decode_swiglu_reference,
+    swiglu_applies,
     triton_applies,
     triton_impl,  # noqa: E402
 )
@@ -105,3 +109,39 @@ def test_bad_input_is_named():
         decode_linear(torch.randn(2, 16, device=DEVICE), w, backend="triton", block_m=16)
     with pytest.raises(ValueError, match="backend="):
         decode_linear(torch.randn(2, 16, device=DEVICE), w, backend="cublas")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_swiglu_matches_float64(case, dtype):
+    """fc1 [2H, K] and the gate in one kernel against the unfused chain in float64 (H = the case's N; odd K and
+    H that no tile divides; x [B, 1, K] keeps its leading dims)."""
+    rows, k, hidden, _ = case
+    torch.manual_seed(rows + 3 * k + hidden)
+    x = torch.randn(rows, 1, k, device=DEVICE).to(dtype)
+    w = (torch.randn(2 * hidden, k, device=DEVICE) / k**0.5).to(dtype)
+    with torch.no_grad():
+        y = decode_swiglu(x, w, **TILES)
+    assert y.shape == (rows, 1, hidden) and y.dtype == dtype
+    assert_close("y", y, decode_swiglu_reference(x.double(), w.double()), dtype)
+
+
+def test_swiglu_opcheck_applies_and_errors():
+    x, w = torch.randn(3, 40, device=DEVICE), torch.randn(48, 40, device=DEVICE)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+    result = torch.library.opcheck(dl_ops.decode_swiglu_op, (x, w, 16, 32, 2, 4), test_utils=tests)
+    assert result == dict.fromkeys(tests, "SUCCESS"), result
+    half = w.to(torch.bfloat16)
+    with torch.no_grad():
+        assert swiglu_applies(x.to(torch.bfloat16), half)
+        assert not swiglu_applies(x, w)  # fp32: torch's linear and the SwiGLU op
+        assert not swiglu_applies(torch.randn(17, 40, device=DEVICE, dtype=torch.bfloat16), half)
+        assert not swiglu_applies(x.to(torch.bfloat16), half[:47])
+        with pytest.raises(ValueError, match=r"weight \[2H, K\]"):
+            decode_swiglu(x, w[:47])
+        with pytest.raises(ValueError, match="at most 16 rows"):
+            decode_swiglu(torch.randn(17, 40, device=DEVICE), w)
+        with pytest.raises(ValueError, match="unknown tile fields"):
+            decode_swiglu(x, w, block_m=16)
+    with pytest.raises(ValueError, match="no backward"):
+        decode_swiglu(x, w.requires_grad_())

@@ -544,15 +544,42 @@ def test_deferred_adds_step_equals_the_plain_step(family, dtype):
 
 
 def test_set_linears_picks_each_form():
-    """The benches' --linears: fused (every decode-step fusion), table (no deferred adds), unfused, cublas."""
-    saved = (gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS)
+    """The benches' --linears: gated (every decode-step fusion), fused (not the gate), table (no deferred adds
+    either), unfused, cublas."""
+    saved = (gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS, gen.FUSE_GATE)
     try:
-        expected = {"fused": (True, True, True), "table": (True, True, False), "unfused": (True, False, False),
-                    "cublas": (False, False, False)}
+        expected = {"gated": (True, True, True, True), "fused": (True, True, True, False),
+                    "table": (True, True, False, False), "unfused": (True, False, False, False),
+                    "cublas": (False, False, False, False)}
         for choice, flags in expected.items():
             gen.set_linears(choice)
-            assert (gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS) == flags, choice
+            assert (gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS, gen.FUSE_GATE) == flags, choice
         with pytest.raises(ValueError, match="expected one of"):
             gen.set_linears("fastest")
     finally:
-        gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS = saved
+        gen.FAST_LINEARS, gen.FUSE_QKV, gen.DEFER_ADDS, gen.FUSE_GATE = saved
+
+
+def test_fused_gate_step_runs_fc1_and_the_gate_as_one_kernel(monkeypatch):
+    """StaticStep(fuse_gate=True) on a bf16 model: every GatedMLP's fc1 and SwiGLU gate run as decode_swiglu (the
+    Triton kernel: the interpreter on CPU), through Dynamo with no graph break; the logits equal the unfused
+    step's within bf16 rounding, and the MLPs are back in their blocks after the step."""
+    pytest.importorskip("triton")
+    import torch._dynamo
+
+    from kernels.decode_linear import triton_impl
+
+    launches = []
+    real = triton_impl.decode_swiglu_triton
+    monkeypatch.setattr(triton_impl, "decode_swiglu_triton", lambda *a, **k: launches.append(1) or real(*a, **k))
+    model = tiny_model("based").to(TRITON_DEVICE, torch.bfloat16)
+    mlps = [b.mlp for b in model.transformer.layers.values()]
+    ids, docs = left_pad(_prompts(), 5, TRITON_DEVICE)
+    tokens = torch.randint(0, 200, (3, 3), generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+    torch._dynamo.utils.counters.clear()
+    outs = {gate: _static_logits(model, ids, docs, tokens, fast_linears=True, fuse_gate=gate).float()
+            for gate in (False, True)}
+    assert len(launches) == len(mlps) * len(tokens)
+    assert [b.mlp for b in model.transformer.layers.values()] == mlps
+    torch.testing.assert_close(outs[True], outs[False], rtol=3e-2, atol=3e-2)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
