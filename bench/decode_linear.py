@@ -86,29 +86,41 @@ def graph_us(fn, xs, weights, biases, calls: int = 64, replays: int = 10) -> flo
     return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
-def bench_shape(k: int, n: int, has_bias: bool, rows_list: list[int]) -> dict:
+def _cold_weights(k: int, n: int, has_bias: bool) -> tuple[list, list]:
+    """Copies of a bf16 weight [N, K] (and bias) that together exceed the L2 cache."""
     copies = max(2, min(64, -(-4 * L2_BYTES // (2 * k * n))))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
-    biases = [torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None for _ in range(copies)]
+    return weights, [torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None for _ in weights]
+
+
+def _tile_timings(kernel, x, weights, biases, ref: torch.Tensor, grid: list[dict], label: str) -> list[dict]:
+    """us per call of kernel(x, w, b, **tiles) for each tile of `grid` within 2e-2 of `ref`, fastest first; a
+    tile that does not compile or is wrong is reported and skipped."""
+    timed = []
+    for tiles in grid:
+        try:
+            with torch.no_grad():
+                y = kernel(x, weights[0], biases[0], **tiles).float()
+            err = ((y - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:
+                raise RuntimeError(f"relative error {err:.2e} against the unfused form")
+            us = graph_us(lambda x, w, b, t=tiles: kernel(x, w, b, **t), x, weights, biases)
+        except Exception as exc:
+            print(f"  {label} {tiles}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+            continue
+        timed.append({**tiles, "us": us})
+    return sorted(timed, key=lambda t: t["us"])
+
+
+def bench_shape(k: int, n: int, has_bias: bool, rows_list: list[int]) -> dict:
+    weights, biases = _cold_weights(k, n, has_bias)
     out = {"K": k, "N": n, "bias": has_bias, "rows": {}}
+    kernel = lambda x, w, b, **t: decode_linear(x, w, b, backend="triton", **t)  # noqa: E731
     for rows in rows_list:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x, weights[0], biases[0]).float()
-        entry = {"cublas_us": graph_us(lambda x, w, b: F.linear(x, w, b), x, weights, biases), "tiles": []}
-        for tiles in TILE_GRID:
-            try:
-                y = decode_linear(x, weights[0], biases[0], backend="triton", **tiles).float()
-                err = ((y - ref).norm() / ref.norm()).item()
-                if not err < 2e-2:
-                    raise RuntimeError(f"relative error {err:.2e} against cuBLAS")
-                us = graph_us(lambda x, w, b, t=tiles: decode_linear(x, w, b, backend="triton", **t), x, weights,
-                              biases)
-            except Exception as exc:  # a tile that does not compile or is wrong is reported and skipped
-                print(f"  K{k} N{n} M{rows} {tiles}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
-                continue
-            entry["tiles"].append({**tiles, "us": us})
-        entry["tiles"].sort(key=lambda t: t["us"])
-        out["rows"][rows] = entry
+        out["rows"][rows] = {"cublas_us": graph_us(lambda x, w, b: F.linear(x, w, b), x, weights, biases),
+                             "tiles": _tile_timings(kernel, x, weights, biases, ref, TILE_GRID, f"K{k} N{n} M{rows}")}
     del weights, biases
     torch.cuda.empty_cache()
     return out
@@ -116,25 +128,18 @@ def bench_shape(k: int, n: int, has_bias: bool, rows_list: list[int]) -> dict:
 
 def bench_swiglu(k: int, n: int, rows_list: list[int]) -> dict:
     """us per call of decode_swiglu over SWIGLU_GRID (SWIGLU_TILES marked) and of fc1 on cuBLAS + the SwiGLU op."""
-    copies = max(2, min(64, -(-4 * L2_BYTES // (2 * k * n))))
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+    weights, biases = _cold_weights(k, n, False)
     out = {"K": k, "N": n, "rows": {}}
+    grid = SWIGLU_GRID + ([SWIGLU_TILES] if SWIGLU_TILES not in SWIGLU_GRID else [])
+    kernel = lambda x, w, b, **t: decode_swiglu(x, w, **t)  # noqa: E731
     for rows in rows_list:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ref = swiglu(F.linear(x, weights[0])).float()
-        entry = {"unfused_us": graph_us(lambda x, w, b: swiglu(F.linear(x, w)), x, weights, [None] * copies),
-                 "tiles": []}
-        for tiles in SWIGLU_GRID + ([SWIGLU_TILES] if SWIGLU_TILES not in SWIGLU_GRID else []):
-            with torch.no_grad():
-                err = ((decode_swiglu(x, weights[0], **tiles).float() - ref).norm() / ref.norm()).item()
-            if not err < 2e-2:
-                print(f"  K{k} N{n} M{rows} {tiles}: relative error {err:.2e} against the unfused pair", flush=True)
-                continue
-            us = graph_us(lambda x, w, b, t=tiles: decode_swiglu(x, w, **t), x, weights, [None] * copies)
-            entry["tiles"].append({**tiles, "us": us, "default": tiles == SWIGLU_TILES})
-        entry["tiles"].sort(key=lambda t: t["us"])
-        out["rows"][rows] = entry
-    del weights
+        tiles = _tile_timings(kernel, x, weights, biases, ref, grid, f"fc1 + gate K{k} N{n} M{rows}")
+        out["rows"][rows] = {"unfused_us": graph_us(lambda x, w, b: swiglu(F.linear(x, w)), x, weights, biases),
+                             "tiles": [{**t, "default": {f: t[f] for f in SWIGLU_TILES} == SWIGLU_TILES}
+                                       for t in tiles]}
+    del weights, biases
     torch.cuda.empty_cache()
     return out
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_backend, check_same_device, check_tensor, interpreting
+from .._common import check_backend, check_same_device, check_tensor, interpreting, rows_2d
 from ..tiles import decode_linear_tiles
 from .reference import decode_linear_reference, decode_swiglu_reference
 
@@ -53,6 +53,12 @@ def triton_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return bool(entry) and _rows(x) <= entry.get("max_rows", MAX_ROWS)
 
 
+def _check_tile_fields(op: str, tiles: dict) -> None:
+    unknown = set(tiles) - set(DEFAULT_TILES)
+    if unknown:
+        raise ValueError(f"{op}: unknown tile fields {sorted(unknown)}; expected {sorted(DEFAULT_TILES)}")
+
+
 def _check(x, weight, bias) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"{_OP}: x must be a tensor [..., K]")
@@ -81,16 +87,12 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"{_OP}: backend='triton' takes at most {MAX_ROWS} rows of x in weight's dtype (fp32, "
                          f"bf16 or fp16); got {rows} rows, x {x.dtype}, weight {weight.dtype}. Use backend='auto' "
                          "or 'reference'.")
-    unknown = set(tiles) - set(DEFAULT_TILES)
-    if unknown:
-        raise ValueError(f"{_OP}: unknown tile fields {sorted(unknown)}; expected {sorted(DEFAULT_TILES)}")
+    _check_tile_fields(_OP, tiles)
     merged = dict(DEFAULT_TILES, **decode_linear_tiles(x.device, weight.shape[1], weight.shape[0], **tiles))
     from . import ops
 
-    x2 = x.reshape(rows, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    y = ops.decode_linear_op(x2, weight.contiguous(), bias, merged["block_n"], merged["block_k"],
+    y = ops.decode_linear_op(rows_2d(x), weight.contiguous(), bias, merged["block_n"], merged["block_k"],
                              merged["num_stages"], merged["num_warps"])
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -128,14 +130,10 @@ def decode_swiglu(x: torch.Tensor, weight: torch.Tensor, backend: str = "triton"
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         raise ValueError(f"{op}: the Triton form has no backward (decode only); run it under torch.no_grad() or "
                          "use backend='reference'")
-    unknown = set(tiles) - set(SWIGLU_TILES)
-    if unknown:
-        raise ValueError(f"{op}: unknown tile fields {sorted(unknown)}; expected {sorted(SWIGLU_TILES)}")
+    _check_tile_fields(op, tiles)
     merged = {**SWIGLU_TILES, **tiles}
     from . import ops
 
-    x2 = x.reshape(rows, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    y = ops.decode_swiglu_op(x2, weight.contiguous(), merged["block_n"], merged["block_k"], merged["num_stages"],
-                             merged["num_warps"])
+    y = ops.decode_swiglu_op(rows_2d(x), weight.contiguous(), merged["block_n"], merged["block_k"],
+                             merged["num_stages"], merged["num_warps"])
     return y.reshape(*x.shape[:-1], weight.shape[0] // 2)
