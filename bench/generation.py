@@ -902,7 +902,7 @@ def _cell(entry: dict | None) -> str:
     if not entry:
         return "-"
     if "skipped" in entry:
-        return "does not fit"
+        return "does not fit" if str(entry["skipped"]).startswith("does not fit") else "skipped (time budget)"
     if "error" in entry:
         return "OOM" if entry.get("oom") else "error: " + entry["error"][:40]
     return (
@@ -1011,12 +1011,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--linears",
-        default="fused",
+        default="gated",
         choices=tools_generate.LINEAR_CHOICES,
         help="the decode step's Linear layers: decode_linear at the shapes kernels/tiles.py lists, each "
-        "linear-attention layer's q, k, v as one product, and each block's last residual add deferred into the "
-        "next fused add + RMSNorm (fused); the same plus fc1 and the SwiGLU gate as one kernel (gated; not yet "
-        "measured); without the deferred adds (table); decode_linear alone (unfused); or cuBLAS everywhere",
+        "linear-attention layer's q, k, v as one product, each block's last residual add deferred into the "
+        "next fused add + RMSNorm, and fc1 and the SwiGLU gate as one kernel (gated, the default); the same "
+        "without the fused gate (fused); without the deferred adds either (table); decode_linear alone "
+        "(unfused); or cuBLAS everywhere",
     )
     parser.add_argument("--fit-tries", type=int, default=5, help="allocations per 'most sequences' check")
     parser.add_argument(

@@ -91,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--compile", default="off", help="torch.compile mode of the step (off: eager kernels)")
-    parser.add_argument("--linears", default="fused", choices=tools_generate.LINEAR_CHOICES,
+    parser.add_argument("--linears", default="gated", choices=tools_generate.LINEAR_CHOICES,
                         help="Linear layers on decode_linear where kernels/tiles.py lists them, the "
-                             "linear-attention q, k, v as one product and each block's last add deferred into the "
-                             "next fused norm (fused); plus fc1 and the gate as one kernel (gated); without the "
-                             "deferred adds (table); decode_linear alone (unfused); or cuBLAS")
+                             "linear-attention q, k, v as one product, each block's last add deferred into the "
+                             "next fused norm and fc1 and the gate as one kernel (gated); the same without the "
+                             "gate (fused); without the deferred adds (table); decode_linear alone (unfused); "
+                             "or cuBLAS")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "profile_decode.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -59,7 +59,7 @@ _RULES = [
     ),
     (
         "other elementwise",
-        r"elementwise|^triton_poi_|pointwise|silu|sigmoid|mul|add|exp|index|gather|scatter|"
+        r"elementwise|^triton_poi_|pointwise|swiglu|silu|sigmoid|mul|add|exp|index|gather|scatter|"
         r"embedding|where|clamp|masked|unary|binary",
     ),
 ]

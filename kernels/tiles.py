@@ -16,6 +16,8 @@ Keys:
   Unlike the others, a shape without an entry does not run
   the Triton kernel at all (decode_linear's backend "auto" then takes cuBLAS): only shapes where the kernel
   measured faster are listed.
+- DECODE_SWIGLU_TILES[kind][(K, N)]: fc1's weight shape [N = 2H, K] of decode_swiglu, exact match. Fields:
+  block_n, block_k, num_stages, num_warps; a shape without an entry runs kernels.decode_linear.SWIGLU_TILES.
 
 `python bench/kernels.py --sweep` (and `python bench/decode_linear.py`) prints the entries it finds for the device it runs on, in this format.
 """
@@ -71,6 +73,17 @@ DECODE_LINEAR_TILES: dict[str, dict[tuple[int, int], dict]] = {
         (2048, 50288): {"block_n": 64, "block_k": 256, "num_stages": 3, "num_warps": 4, "max_rows": 16},
         (3584, 1792): {"block_n": 16, "block_k": 512, "num_stages": 3, "num_warps": 4, "max_rows": 16},
         (4096, 2048): {"block_n": 16, "block_k": 512, "num_stages": 3, "num_warps": 4, "max_rows": 16},
+    },
+    "default": {},
+}
+
+DECODE_SWIGLU_TILES: dict[str, dict[tuple[int, int], dict]] = {
+    "H100": {},
+    # python bench/decode_linear.py --swiglu --rows 1,16 on one H200, torch 2.11.0+cu130, 2026-12-02 (us per call,
+    # M1 / M16): Based's fc1 keeps SWIGLU_TILES (8.68 / 8.58, the best of five); Transformer++'s takes 64/128/4
+    # (11.57 / 11.03 against the default's 12.08 / 13.14; fc1 on cuBLAS + the gate: 13.11 / 13.59)
+    "H200": {
+        (1680, 8960): {"block_n": 64, "block_k": 128, "num_stages": 4, "num_warps": 4},
     },
     "default": {},
 }
@@ -141,3 +154,11 @@ def decode_linear_tiles(device: torch.device | str, k: int, n: int, **explicit) 
     key = (k, n)
     return _merge(DL_FIELDS, explicit, DECODE_LINEAR_TILES.get(device_kind(device), {}).get(key, {}),
                   DECODE_LINEAR_TILES["default"].get(key, {}))
+
+
+def decode_swiglu_tiles(device: torch.device | str, k: int, n: int, **explicit) -> dict:
+    """decode_swiglu's tiles for fc1's weight [N, K]: `explicit` (None = not given) over the table; the fields
+    neither sets are omitted (decode_swiglu fills them from SWIGLU_TILES)."""
+    key = (k, n)
+    return _merge(DL_FIELDS[:-1], explicit, DECODE_SWIGLU_TILES.get(device_kind(device), {}).get(key, {}),
+                  DECODE_SWIGLU_TILES["default"].get(key, {}))

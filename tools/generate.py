@@ -466,9 +466,9 @@ FUSE_QKV = True
 # Under fast_linears, also each block's last residual add deferred into the next block's fused add + RMSNorm
 # (tools/deferred_adds.py; benches: --linears table off)
 DEFER_ADDS = True
-# Under fast_linears, also fc1 and the SwiGLU gate as one kernel (_DecodeGatedMLP). Off until measured on a
-# GPU (docs/PERFORMANCE.md, ninth session: built after the device time ran out); benches: --linears gated
-FUSE_GATE = False
+# Under fast_linears, also fc1 and the SwiGLU gate as one kernel (_DecodeGatedMLP; on the H200, 2026-12-02,
+# Based-1.3B 1.71 -> 1.61 ms per step at batch 1: docs/PERFORMANCE.md, tenth session); benches: --linears fused off
+FUSE_GATE = True
 # The benches' --linears: "gated" (all of the above), "fused" (all but the gate), "table" (decode_linear and the
 # stacked q, k, v), "unfused" (decode_linear, the projections apart), "cublas" (none: every product on cuBLAS)
 LINEAR_CHOICES = ("gated", "fused", "table", "unfused", "cublas")

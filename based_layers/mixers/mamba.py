@@ -219,10 +219,23 @@ def _mamba_inner(mixer: Mamba, x: torch.Tensor) -> torch.Tensor:
     out_proj). Hidden from torch.compile: its CUDA extension calls cannot be traced, so a compiled block
     runs this one call eagerly and compiles the norms, residuals and MLP around it."""
     mamba_inner_fn = _mamba_ssm("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn")
-    xz = mixer.in_proj(x).transpose(1, 2)
+    xz = _in_proj_channels_first(mixer.in_proj, x)
     # the out_proj bias is added here, not passed in: mamba-ssm 2.3.2's MambaInnerFn.backward returns a 0-d
     # gradient for it (it sums the 2-D flattened dout over both dims), which autograd rejects
     y = mamba_inner_fn(xz, mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
                        mixer.out_proj.weight, None, -torch.exp(mixer.A_log.float()), None, None,
                        mixer.D.float(), delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True)
     return y if mixer.out_proj.bias is None else y + mixer.out_proj.bias.to(y.dtype)
+
+
+def _in_proj_channels_first(in_proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """in_proj(x) for x [B, L, D] as [B, 2 d_inner, L] with L contiguous (strides (L, B L, 1)), the layout
+    mamba_inner_fn reads without a copy: W [2 d_inner, D] @ x^T [D, B L], as mamba-ssm's own Mamba computes it.
+    `in_proj(x).transpose(1, 2)` has the same values but L strided, which mamba_inner_fn copies to contiguous,
+    and whose gradient autograd transposes back: strided copies of [B, L, 2 d_inner] that took 21% of a
+    Mamba-1.3B training step on the H200 (docs/PERFORMANCE.md, tenth session)."""
+    batch, length, _ = x.shape
+    xz = in_proj.weight @ x.reshape(batch * length, -1).transpose(0, 1)
+    if in_proj.bias is not None:
+        xz = xz + in_proj.bias.to(xz.dtype)[:, None]
+    return xz.view(-1, batch, length).transpose(0, 1)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 
 from .._common import check_backend, check_same_device, check_tensor, interpreting, rows_2d
-from ..tiles import decode_linear_tiles
+from ..tiles import decode_linear_tiles, decode_swiglu_tiles
 from .reference import decode_linear_reference, decode_swiglu_reference
 
-__all__ = ["DEFAULT_TILES", "SWIGLU_TILES", "decode_linear", "decode_linear_reference", "decode_swiglu",
+__all__ = ["DEFAULT_TILES", "MAX_ROWS", "SWIGLU_TILES", "decode_linear", "decode_linear_reference", "decode_swiglu",
            "decode_swiglu_reference", "swiglu_applies", "triton_applies"]
 
 _OP = "decode_linear"
@@ -31,8 +31,8 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 16
 DEFAULT_TILES = {"block_n": 16, "block_k": 256, "num_stages": 4, "num_warps": 4}
-# decode_swiglu's tiles (output columns per program, of each half): untimed; per program two weight tiles of
-# block_n rows per K step, the bytes of one 64-row tile of the H200 table's fc1-shaped entry (in_proj: 64/128/5)
+# decode_swiglu's tiles (output columns per program, of each half) where kernels/tiles.py lists none: per program
+# two weight tiles of block_n rows per K step; the best of five at Based-1.3B's fc1 on the H200 (2026-12-02)
 SWIGLU_TILES = {"block_n": 32, "block_k": 128, "num_stages": 5, "num_warps": 4}
 
 
@@ -131,7 +131,7 @@ def decode_swiglu(x: torch.Tensor, weight: torch.Tensor, backend: str = "triton"
         raise ValueError(f"{op}: the Triton form has no backward (decode only); run it under torch.no_grad() or "
                          "use backend='reference'")
     _check_tile_fields(op, tiles)
-    merged = {**SWIGLU_TILES, **tiles}
+    merged = {**SWIGLU_TILES, **decode_swiglu_tiles(x.device, weight.shape[1], weight.shape[0], **tiles)}
     from . import ops
 
     y = ops.decode_swiglu_op(rows_2d(x), weight.contiguous(), merged["block_n"], merged["block_k"],

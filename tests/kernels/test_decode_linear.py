@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 from kernels import tiles  # noqa: E402
 from kernels.decode_linear import (  # noqa: E402
+    SWIGLU_TILES,
     decode_linear,
     decode_linear_reference,
     decode_swiglu,
@@ -145,3 +146,20 @@ def test_swiglu_opcheck_applies_and_errors():
             decode_swiglu(x, w, block_m=16)
     with pytest.raises(ValueError, match="no backward"):
         decode_swiglu(x, w.requires_grad_())
+
+
+def test_swiglu_takes_the_table_tiles_then_its_defaults(monkeypatch):
+    """decode_swiglu: the DECODE_SWIGLU_TILES entry of fc1's shape on this device kind, fields it leaves out from
+    SWIGLU_TILES, explicit tiles over both; a shape without an entry runs SWIGLU_TILES."""
+    calls = []
+    real = triton_impl.decode_swiglu_triton
+    monkeypatch.setattr(triton_impl, "decode_swiglu_triton", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setitem(tiles.DECODE_SWIGLU_TILES, tiles.device_kind(DEVICE),
+                        {(40, 48): {"block_n": 16, "block_k": 32, "num_stages": 2}})
+    x, w = torch.randn(3, 40, device=DEVICE), torch.randn(48, 40, device=DEVICE)
+    with torch.no_grad():
+        decode_swiglu(x, w)
+        decode_swiglu(x, w, block_k=64)
+        decode_swiglu(x, w[:32])
+    table = {"block_n": 16, "block_k": 32, "num_stages": 2, "num_warps": SWIGLU_TILES["num_warps"]}
+    assert calls == [table, {**table, "block_k": 64}, SWIGLU_TILES]

@@ -89,10 +89,14 @@ def test_swa_plan_reads_the_table(tables):
     assert _plan(torch.zeros(1, 8, 1, 64, device="meta"), 128, unset, "split").bwd == "split"
 
 
-@pytest.mark.parametrize("table", ["LINEAR_ATTN_TILES", "SLIDING_WINDOW_TILES"])
+TABLE_FIELDS = {"LINEAR_ATTN_TILES": tiles.LA_FIELDS, "SLIDING_WINDOW_TILES": tiles.SWA_FIELDS,
+                "DECODE_LINEAR_TILES": tiles.DL_FIELDS, "DECODE_SWIGLU_TILES": tiles.DL_FIELDS[:-1]}
+
+
+@pytest.mark.parametrize("table", sorted(TABLE_FIELDS))
 def test_shipped_tables_are_well_formed(table):
-    """Every device kind present, keys (int, int), fields the Plans accept, values of the right type."""
-    fields = tiles.LA_FIELDS if table == "LINEAR_ATTN_TILES" else tiles.SWA_FIELDS
+    """Every device kind present, keys (int, int), fields the kernels accept, values of the right type."""
+    fields = TABLE_FIELDS[table]
     entries = getattr(tiles, table)
     assert set(entries) == set(tiles.DEVICE_KINDS)
     for kind, by_shape in entries.items():

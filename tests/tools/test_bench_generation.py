@@ -102,6 +102,7 @@ def test_claim_24x_and_table():
             "decode_c1024_b128": _entry(50000, 2.5, 1.7, batch=128),
             "decode_c16384_b16": _entry(20000, 0.8, 0.7, batch=16),
             "decode_c16384_b64": _entry(30000, 2.1, 1.2, batch=64),
+            "decode_c16384_b128": {"skipped": "time budget (--budget-s) spent"},
             "max_sequences_c1024": {
                 "context": 1024,
                 "predicted": 8000,
@@ -134,6 +135,7 @@ def test_claim_24x_and_table():
     text = bench.table(results)
     assert "| 16384 | 64 | 30,000 tok/s, 2.10 ms (1.75x floor 1.20), 1.0 GiB | does not fit | - |" in text
     assert "| 1024 | 128 |" in text and "4.17x |" in text
+    assert "| 16384 | 128 | skipped (time budget) | - | - |" in text  # not told as "does not fit"
     assert "| Based | 1024 (every cache length) | 8,000 | 7,900 | 17.2 | 100,000 tok/s" in text
     assert "prefill batch 1 x 4096: Based 30.0 ms, Transformer++ 54.0 ms (1.80x faster)" in text
     assert "prefill (CUDA graph) batch 1 x 4096: Based 20.0 ms, Transformer++ 40.0 ms (2.00x faster)" in text

@@ -92,6 +92,8 @@ KERNELS = {
     "Memset (Device)": "copies/casts",
     "triton_poi_fused__to_copy_7": "copies/casts",
     "triton_poi_fused_add_mul_silu_2": "other elementwise",
+    "_swiglu_fwd_kernel": "other elementwise",  # kernels/swiglu: the MLP's gate, one pass each way
+    "_swiglu_bwd_kernel": "other elementwise",
     "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
     "FusedOptimizerTensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>": "optimizer",
     "void at::native::multi_tensor_apply_kernel<at::native::TensorListMetadata<1>, at::native::"
