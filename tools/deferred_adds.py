@@ -32,7 +32,7 @@ def block_step_deferred(block: nn.Module, x: torch.Tensor, pending: torch.Tensor
 
 def head_step_deferred(model: nn.Module, x: torch.Tensor, pending: torch.Tensor | None, vocab: int, greedy: bool):
     """The final norm of x + pending and the LM head -> (logits [B, V_padded], greedy token [B] or None)."""
-    last = list(model.transformer.layers.values())[-1]
+    last = next(reversed(model.transformer.layers.values()))  # for the residual dtype (all blocks share it)
     h, _ = _add_norm(last, model.transformer.ln_f, x, pending)
     logits = model.lm_head(h)
     return logits, (logits[:, :vocab].argmax(-1) if greedy else None)

@@ -40,10 +40,23 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
+def _half_decode_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """What both kernels' "applies" checks share: at most MAX_ROWS rows, x and weight in one half dtype."""
+    return x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16) and _rows(x) <= MAX_ROWS
+
+
+def _check_triton_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, hint: str) -> None:
+    """A clear error where backend='triton' cannot take x and weight."""
+    rows = _rows(x)
+    if rows > MAX_ROWS or x.dtype not in _TRITON_FLOATS or weight.dtype != x.dtype:
+        raise ValueError(f"{op}: backend='triton' takes at most {MAX_ROWS} rows of x in weight's dtype (fp32, "
+                         f"bf16 or fp16); got {rows} rows, x {x.dtype}, weight {weight.dtype}{hint}")
+
+
 def triton_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """True where backend="auto" runs the Triton kernel: a table entry for (K, N) on this device kind, half
     precision weights and x, at most 16 rows, CUDA tensors (or the interpreter)."""
-    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16) or _rows(x) > MAX_ROWS:
+    if not _half_decode_rows(x, weight):
         return False
     if bias is not None and bias.dtype != weight.dtype:
         return False
@@ -82,11 +95,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     check_backend(_OP, backend, *(t for t in (x, weight, bias) if t is not None))
     if backend == "reference":
         return decode_linear_reference(x, weight, bias)
-    rows = _rows(x)
-    if rows > MAX_ROWS or x.dtype not in _TRITON_FLOATS or weight.dtype != x.dtype:
-        raise ValueError(f"{_OP}: backend='triton' takes at most {MAX_ROWS} rows of x in weight's dtype (fp32, "
-                         f"bf16 or fp16); got {rows} rows, x {x.dtype}, weight {weight.dtype}. Use backend='auto' "
-                         "or 'reference'.")
+    _check_triton_inputs(_OP, x, weight, ". Use backend='auto' or 'reference'.")
     _check_tile_fields(_OP, tiles)
     merged = dict(DEFAULT_TILES, **decode_linear_tiles(x.device, weight.shape[1], weight.shape[0], **tiles))
     from . import ops
@@ -100,7 +109,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def swiglu_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where decode_swiglu's kernel runs: at most 16 rows, half-precision x and weight of one dtype, an even
     number of weight rows, CUDA tensors (or the interpreter), and no gradient to record (it has no backward)."""
-    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16) or _rows(x) > MAX_ROWS:
+    if not _half_decode_rows(x, weight):
         return False
     if weight.dim() != 2 or weight.shape[0] % 2 or x.shape[-1] != weight.shape[1]:
         return False
@@ -123,10 +132,7 @@ def decode_swiglu(x: torch.Tensor, weight: torch.Tensor, backend: str = "triton"
     check_backend(op, backend, x, weight)
     if backend == "reference":
         return decode_swiglu_reference(x, weight)
-    rows = _rows(x)
-    if rows > MAX_ROWS or x.dtype not in _TRITON_FLOATS or weight.dtype != x.dtype:
-        raise ValueError(f"{op}: backend='triton' takes at most {MAX_ROWS} rows of x in weight's dtype (fp32, "
-                         f"bf16 or fp16); got {rows} rows, x {x.dtype}, weight {weight.dtype}")
+    _check_triton_inputs(op, x, weight, ". Use backend='reference'.")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         raise ValueError(f"{op}: the Triton form has no backward (decode only); run it under torch.no_grad() or "
                          "use backend='reference'")
