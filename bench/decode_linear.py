@@ -11,13 +11,19 @@ more at every row count up to some M, the kernels/tiles.py DECODE_LINEAR_TILES e
 
 `--swiglu` times decode_swiglu (fc1 and the SwiGLU gate in one kernel) over a grid of tiles against the two
 kernels it replaces (torch's linear for fc1, then the SwiGLU op) at the 1.3B configs' fc1 shapes.
+
+`--pdl` times both kernels at their table tiles three ways in the same graphs: launched without programmatic
+dependent launch (BASED_PDL=0), with it (each call's launch overlaps the call before), and with it plus the
+L2 prefetch of the first K tiles of each program's weight rows before the wait (kernels/_pdl.py; off by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -164,6 +170,60 @@ def run_swiglu(rows_list: list[int]) -> list[dict]:
     return results
 
 
+PDL_FORMS = {"off": {"BASED_PDL": "0"}, "pdl": {"BASED_PDL": "1", "BASED_PDL_PREFETCH": "0"},
+             "pdl+prefetch": {"BASED_PDL": "1", "BASED_PDL_PREFETCH": "1"}}
+
+
+@contextlib.contextmanager
+def _env(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bench_pdl(k: int, n: int, has_bias: bool, rows_list: list[int], swiglu_form: bool) -> dict:
+    """us per call of decode_linear (or decode_swiglu) at its table tiles in each PDL_FORMS form."""
+    weights, biases = _cold_weights(k, n, has_bias)
+    if swiglu_form:
+        kernel = lambda x, w, b: decode_swiglu(x, w)  # noqa: E731
+    else:
+        kernel = lambda x, w, b: decode_linear(x, w, b, backend="triton")  # noqa: E731
+    out = {"K": k, "N": n, "bias": has_bias, "swiglu": swiglu_form, "rows": {}}
+    for rows in rows_list:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        forms = {}
+        for name, env in PDL_FORMS.items():
+            with _env(env):
+                forms[name] = graph_us(kernel, x, weights, biases)
+        out["rows"][rows] = forms
+    del weights, biases
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_pdl(models: list[str], rows_list: list[int], bandwidth: float) -> list[dict]:
+    """bench_pdl at every weight shape of `models` and at the fc1 shapes (decode_swiglu); a row per shape."""
+    rows_list = [r for r in rows_list if r <= MAX_ROWS]
+    shapes = [(k, n, b, False) for (k, n, b) in sorted(weight_shapes(models))]
+    shapes += [(k, n, False, True) for k, n in SWIGLU_SHAPES]
+    print("| weight [N, K] | floor us | " + " | ".join(f"M{r}: " + " / ".join(PDL_FORMS) for r in rows_list) + " |")
+    results = []
+    for k, n, has_bias, swiglu_form in shapes:
+        result = bench_pdl(k, n, has_bias, rows_list, swiglu_form)
+        results.append(result)
+        label = f"{n} x {k}{' +b' if has_bias else ''}{' fc1+gate' if swiglu_form else ''}"
+        cells = [" / ".join(f"{result['rows'][r][f]:.2f}" for f in PDL_FORMS) for r in rows_list]
+        print(f"| {label} | {2 * k * n / bandwidth * 1e6:.2f} | " + " | ".join(cells) + " |", flush=True)
+    return results
+
+
 def table_entry(result: dict) -> dict | None:
     """The tile that is fastest summed over the row counts where it beats cuBLAS, with max_rows; None if none."""
     best = None
@@ -187,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="based,attn,mamba")
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--swiglu", action="store_true", help="time decode_swiglu (fc1 + gate) instead")
+    parser.add_argument("--pdl", action="store_true", help="time both kernels without PDL, with it, with prefetch")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "decode_linear.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -198,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "swiglu": results}, indent=1))
         return 0
     bandwidth = copy_bandwidth()
+    if args.pdl:
+        results = run_pdl(args.models.split(","), rows_list, bandwidth)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
+                                        "pdl": results}, indent=1))
+        return 0
     results, found = [], {}
     for (k, n, has_bias), users in sorted(weight_shapes(args.models.split(",")).items()):
         result = bench_shape(k, n, has_bias, rows_list)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -58,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from based_layers import build_model  # noqa: E402
 from based_layers.mixers import CausalSelfAttention  # noqa: E402
+from kernels._pdl import DEFAULT_GROUPS as DEFAULT_PDL_GROUPS  # noqa: E402
 from tools import generate as tools_generate  # noqa: E402
 from tools.generate import ATTENTION_BUCKET, StaticKVAttention, StaticStep, static_attention  # noqa: E402
 from tools.model_io import model_config_from_dict  # noqa: E402
@@ -754,11 +756,13 @@ def bench_model(
             )
     template = StateTemplate(model, args.fill_len)
     if phase == "grid":
-        rec.deadline = model_end - GRAPH_CHECK_RESERVE_S  # keep time for the graph check
+        # keep time for the graph check
+        rec.deadline = model_end - (0 if args.no_graph_check else GRAPH_CHECK_RESERVE_S)
         decode_grid(rec, name, model, template, args, bandwidth)
         rec.deadline = model_end
         mode = entry["step_mode"]
-        rec.guard(entry, "graph_check", graph_check, model, mode["mode"], mode["compile"], mode["core"])
+        if not args.no_graph_check:
+            rec.guard(entry, "graph_check", graph_check, model, mode["mode"], mode["compile"], mode["core"])
     else:
         fit_table(rec, name, model, template, args)
 
@@ -793,7 +797,8 @@ def run(args) -> dict:
     # the grids of every model first: the "most sequences" checks allocate nearly the whole GPU, and a kernel
     # that faults at such a batch leaves the CUDA context unusable for whatever runs after it
     grid_end = time.perf_counter() + FIT_PHASE_SHARE_GRID * (end - time.perf_counter())
-    for phase, phase_end in (("grid", grid_end), ("fit", end)):
+    phases = (("grid", end),) if args.no_fit else (("grid", grid_end), ("fit", end))
+    for phase, phase_end in phases:
         for i, name in enumerate(args.models):
             start = time.perf_counter()
             model_end = start + (phase_end - start) / (len(args.models) - i)  # an equal share of what is left
@@ -1019,7 +1024,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "without the fused gate (fused); without the deferred adds either (table); decode_linear alone "
         "(unfused); or cuBLAS everywhere",
     )
+    parser.add_argument(
+        "--pdl",
+        default="on",
+        help="programmatic dependent launch of our decode kernels (kernels/_pdl.py): the default groups (on: "
+        "the products and the fused norm), every group (all), the default groups with the products' L2 "
+        "prefetch of their first weight tiles before the wait (prefetch), none (off), or a comma list of "
+        "kernels._pdl.GROUPS; sets BASED_PDL and BASED_PDL_PREFETCH for the run",
+    )
     parser.add_argument("--fit-tries", type=int, default=5, help="allocations per 'most sequences' check")
+    parser.add_argument("--no-fit", action="store_true", help="no 'most sequences' phase: the grids get the budget")
+    parser.add_argument("--no-graph-check", action="store_true", help="no greedy-token check of the graph step")
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -1062,8 +1077,12 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/generation.py needs a CUDA GPU", file=sys.stderr)
         return 1
     tools_generate.set_linears(args.linears)  # every StaticStep of the run: grid, graph check, fit
+    forms = {"on": DEFAULT_PDL_GROUPS, "prefetch": DEFAULT_PDL_GROUPS, "all": "1", "off": "0"}
+    os.environ["BASED_PDL"] = forms.get(args.pdl, args.pdl)
+    os.environ["BASED_PDL_PREFETCH"] = "1" if args.pdl == "prefetch" else "0"
     start = time.perf_counter()
     results = run(args)
+    results["pdl"] = args.pdl
     results["wall_seconds"] = time.perf_counter() - start
     args.out.write_text(json.dumps(results, indent=1, default=float) + "\n")
     print(table(results))

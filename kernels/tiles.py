@@ -16,6 +16,8 @@ Keys:
   Unlike the others, a shape without an entry does not run
   the Triton kernel at all (decode_linear's backend "auto" then takes cuBLAS): only shapes where the kernel
   measured faster are listed.
+- LA_FORWARD_CUDA[kind]: the (Dv, T, B*H) shapes, exact match, where taylor_linear_attention's forward runs the
+  CUDA kernel of kernels/taylor_linear_attn/cuda instead of the Triton one (measured faster by bench/la_cuda.py).
 - DECODE_SWIGLU_TILES[kind][(K, N)]: fc1's weight shape [N = 2H, K] of decode_swiglu, exact match. Fields:
   block_n, block_k, num_stages, num_warps; a shape without an entry runs kernels.decode_linear.SWIGLU_TILES.
 
@@ -88,6 +90,17 @@ DECODE_SWIGLU_TILES: dict[str, dict[tuple[int, int], dict]] = {
     "default": {},
 }
 
+# Where taylor_linear_attention's forward runs the hand-written CUDA kernel (kernels/taylor_linear_attn/cuda) in
+# place of the Triton forward: (Dv, T, B*H), exact match, the shapes where it measured >= 3% faster. One CTA per
+# (row x head, value block) walks the chunks in order, so it wins only where those CTAs fill the GPU at a short T.
+LA_FORWARD_CUDA: dict[str, set[tuple[int, int, int]]] = {
+    "H100": set(),
+    # python bench/la_cuda.py --sweep on one H200, torch 2.11.0+cu130, 2026-12-02 (forward ms, CUDA / Triton):
+    # Dv64 T2048 B16 H16 0.264 / 0.351; Dv128 T4096 B8 H16 0.550 / 0.582; slower at the other seven shapes
+    "H200": {(64, 2048, 256), (128, 4096, 128)},
+    "default": set(),
+}
+
 
 # Constant for torch.compile: decode_linear looks its table up inside a compiled decode step, where Dynamo
 # cannot trace torch.cuda.get_device_name (a non-tensor result: a graph break per call)
@@ -138,6 +151,11 @@ def linear_attn_tiles(device: torch.device | str, value_dim: int, seqlen, **expl
     kind = device_kind(device)
     tables = (LINEAR_ATTN_TILES.get(kind, {}), LINEAR_ATTN_TILES["default"])
     return _merge(LA_FIELDS, explicit, *(_la_entry(t, value_dim, seqlen) for t in tables))
+
+
+def la_forward_backend(device: torch.device | str, value_dim: int, seqlen: int, rows: int) -> str:
+    """"cuda" where LA_FORWARD_CUDA lists (Dv, T, B*H) for this device kind, else "triton"."""
+    return "cuda" if (value_dim, seqlen, rows) in LA_FORWARD_CUDA.get(device_kind(device), set()) else "triton"
 
 
 def sliding_window_tiles(device: torch.device | str, window: int, head_dim: int, **explicit) -> dict:

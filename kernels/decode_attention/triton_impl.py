@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._common import new_output, num_sms
+from .._pdl import pdl_options, release
 
 BLOCK_N = 64
 # programs to aim for per streaming multiprocessor
@@ -45,7 +46,9 @@ def _split_kernel(
     NS,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    release(PDL)  # kernels/_pdl.py: everything below may depend on the kernel before
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // H
@@ -81,8 +84,9 @@ def _split_kernel(
 
 
 @triton.jit
-def _combine_kernel(ACC, M, L, OUT, D, NS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(ACC, M, L, OUT, D, NS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """o[row] = sum_i exp(m_i - max m) acc_i / sum_i exp(m_i - max m) l_i over the row's NS partials."""
+    release(PDL)  # kernels/_pdl.py: everything below may depend on the kernel before
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -147,9 +151,11 @@ def decode_attention_triton(
         BLOCK_N=BLOCK_N,
         BLOCK_D=block_d,
         num_warps=4,
+        **pdl_options(q.device, "attention"),
     )
     out = new_output((batch, heads, dim), q.dtype, q.device)
     _combine_kernel[(rows,)](
-        acc, m, l_sum, out, dim, splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4
+        acc, m, l_sum, out, dim, splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+        **pdl_options(q.device, "attention"),
     )
     return out

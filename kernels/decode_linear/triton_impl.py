@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting, new_output
+from .._pdl import bulk_prefetch_ok, pdl_options, prefetch_rows_l2, release
 from . import MAX_ROWS
 
 BLOCK_M = MAX_ROWS  # x padded to this many rows for tl.dot (at least 16)
@@ -38,10 +39,14 @@ def _dot(x, w, acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _decode_linear_kernel(X, W, B, Y, M, N, K, sxm, swn, sym,
+def _decode_linear_kernel(X, W, B, Y, M, N, K, sxm, swn, sym, row_bytes,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          EVEN_K: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr):
+                          EVEN_K: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
+                          PREFETCH: tl.constexpr):
     offs_m, offs_n, mask_m, mask_n = _program_tile(M, N, BM, BN)
+    if PREFETCH:  # the weights are all this kernel reads before the previous kernel completes (kernels/_pdl.py)
+        prefetch_rows_l2(W, tl.minimum(offs_n, N - 1), swn, row_bytes)
+    release(PDL)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BK)
@@ -61,6 +66,17 @@ def _decode_linear_kernel(X, W, B, Y, M, N, K, sxm, swn, sym,
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _pdl_args(weight: torch.Tensor) -> dict:
+    """The products' PDL launch arguments (kernels/_pdl.py, group "linear")."""
+    return pdl_options(weight.device, "linear", prefetch=bulk_prefetch_ok(weight))
+
+
+def _prefetch_bytes(weight: torch.Tensor, block_k: int, num_stages: int) -> int:
+    """Bytes of each weight row a program prefetches into L2 before the wait (kernels/_pdl.py): the K tiles its
+    pipelined loop loads first (all of them would make the loop wait behind the whole row's prefetch)."""
+    return min(weight.shape[1], block_k * num_stages) * weight.element_size()
+
+
 def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, block_n: int,
                          block_k: int, num_stages: int, num_warps: int) -> torch.Tensor:
     """x [M, K] (M <= 16, unit last stride), weight [N, K] contiguous, bias [N] or None -> y [M, N]."""
@@ -71,21 +87,27 @@ def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return y
     grid = (triton.cdiv(n, block_n),)
     _decode_linear_kernel[grid](x, weight, bias if bias is not None else weight, y, rows, n, k, x.stride(0),
-                                weight.stride(0), y.stride(0), BM=BLOCK_M, BN=block_n, BK=block_k,
-                                HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, STAGES=num_stages,
-                                EMULATE=interpreting(), num_warps=num_warps)
+                                weight.stride(0), y.stride(0), _prefetch_bytes(weight, block_k, num_stages),
+                                BM=BLOCK_M, BN=block_n, BK=block_k, HAS_BIAS=bias is not None,
+                                EVEN_K=k % block_k == 0, STAGES=num_stages, EMULATE=interpreting(),
+                                num_warps=num_warps, **_pdl_args(weight))
     return y
 
 
 @triton.jit
-def _decode_swiglu_kernel(X, W, Y, M, H, K, sxm, swn, sym,
+def _decode_swiglu_kernel(X, W, Y, M, H, K, sxm, swn, sym, row_bytes,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                          STAGES: tl.constexpr, EMULATE: tl.constexpr):
+                          STAGES: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """Y [M, H] = value * silu(gate) of x W^T, W [2H, K] = [value rows; gate rows] (fc1 of SwiGLU): each program
     streams the value rows and the gate rows of its BN output columns, so the gate is applied in the epilogue
     and fc1's [M, 2H] output is never written. value and gate are rounded to Y's dtype first, as fc1's output
     would be before the SwiGLU op reads it."""
     offs_m, offs_n, mask_m, mask_n = _program_tile(M, H, BM, BN)
+    if PREFETCH:
+        rows = tl.minimum(offs_n, H - 1)
+        prefetch_rows_l2(W, rows, swn, row_bytes)
+        prefetch_rows_l2(W, rows + H, swn, row_bytes)
+    release(PDL)
     acc_v = tl.zeros([BM, BN], dtype=tl.float32)
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     rows_v = W + offs_n[:, None].to(tl.int64) * swn
@@ -119,6 +141,8 @@ def decode_swiglu_triton(x: torch.Tensor, weight: torch.Tensor, *, block_n: int,
     if rows == 0 or hidden == 0:
         return y
     _decode_swiglu_kernel[(triton.cdiv(hidden, block_n),)](
-        x, weight, y, rows, hidden, k, x.stride(0), weight.stride(0), y.stride(0), BM=BLOCK_M, BN=block_n,
-        BK=block_k, EVEN_K=k % block_k == 0, STAGES=num_stages, EMULATE=interpreting(), num_warps=num_warps)
+        x, weight, y, rows, hidden, k, x.stride(0), weight.stride(0), y.stride(0),
+        _prefetch_bytes(weight, block_k, num_stages),
+        BM=BLOCK_M, BN=block_n, BK=block_k, EVEN_K=k % block_k == 0, STAGES=num_stages, EMULATE=interpreting(),
+        num_warps=num_warps, **_pdl_args(weight))
     return y

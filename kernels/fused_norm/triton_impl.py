@@ -18,12 +18,14 @@ import triton
 import triton.language as tl
 
 from .._common import new_output, next_pow2, num_sms, rows_2d
+from .._pdl import pdl_options, release
 
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, U, W, Y, R, RSTD, N, eps, sx, su, sy, sr, HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr
+    X, U, W, Y, R, RSTD, N, eps, sx, su, sy, sr, HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
+    release(PDL)  # kernels/_pdl.py: everything below may depend on the kernel before
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -132,6 +134,7 @@ def _fwd_body(x, update, weight, eps, out_dtype, residual_dtype):
             HAS_UPDATE=has_update,
             BLOCK=block,
             num_warps=_num_warps(block),
+            **pdl_options(x.device, "norm"),
         )
     return y, residual, rstd
 

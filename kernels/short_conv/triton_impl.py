@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._common import new_output, next_pow2
+from .._pdl import pdl_options, release
 
 
 @triton.jit
@@ -117,8 +118,9 @@ def _bwd_kernel(U1, U2, W, DOC, INIT, DY, DU1, DU2, DW_PART, T, C,
 
 @triton.jit
 def _step_kernel(U1, U2, W, STATE, Y, C, s1b, s2b, syb, swc, swk, ssb, ssc, ssk,
-                 KS: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+                 KS: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr):
     """One decode token: shift the [C, K] input history left, append u1, y = silu(history . w) * u2."""
+    release(PDL)  # kernels/_pdl.py: everything below may depend on the kernel before
     i_c = tl.program_id(0)
     i_b = tl.program_id(1)
     offs_c = i_c * BC + tl.arange(0, BC)
@@ -412,5 +414,6 @@ def short_conv_gated_step_triton(u1, u2, weight, conv_state):
     block_c = 128
     _step_kernel[(triton.cdiv(channels, block_c), batch)](
         u1, u2, weight, conv_state, y, channels, u1.stride(0), u2.stride(0), y.stride(0),
-        weight.stride(0), weight.stride(1), *conv_state.stride(), KS=ks, BK=next_pow2(ks), BC=block_c, num_warps=4)
+        weight.stride(0), weight.stride(1), *conv_state.stride(), KS=ks, BK=next_pow2(ks), BC=block_c, num_warps=4,
+        **pdl_options(u1.device, "mixer"))
     return y

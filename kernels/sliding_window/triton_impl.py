@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting, last_dim_contiguous, new_output, next_pow2
+from .._pdl import pdl_options, release
 from .ops import sliding_window_attention_triton  # noqa: F401  (re-exported: bench/, tests)
 
 LOG2E = 1.4426950408889634
@@ -227,8 +228,9 @@ def _bwd_dq_kernel(Q, K, V, START, DO, LSE, DELTA, DQ, OUT, T, H, D, WINDOW, qk_
 @triton.jit
 def _step_kernel(Q, K, V, KC, VC, POS, OUT, H, D, W, scale,
                  sqb, sqh, skb, skh, svb, svh, scb, scs, sch, svcb, svcs, svch, sob, soh,
-                 BW: tl.constexpr, BD: tl.constexpr):
+                 BW: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """One decode token for one (batch, head): attend the ring of W past keys plus itself, then store k, v."""
+    release(PDL)  # kernels/_pdl.py: everything below may depend on the kernel before
     i_bh = tl.program_id(0)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -372,6 +374,7 @@ def sliding_window_step_triton(q, k, v, k_cache, v_cache, pos, *, scale=None):
     _step_kernel[(batch * heads,)](q, k, v, k_cache, v_cache, pos, o, heads, dim, window, scale,
                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                    *_strides3(k_cache), *_strides3(v_cache), o.stride(0), o.stride(1),
-                                   BW=max(16, next_pow2(window)), BD=max(16, next_pow2(dim)), num_warps=4)
+                                   BW=max(16, next_pow2(window)), BD=max(16, next_pow2(dim)), num_warps=4,
+                                   **pdl_options(q.device, "mixer"))
     return o
 

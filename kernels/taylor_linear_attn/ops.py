@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._common import last_dim_contiguous
+from ..tiles import la_forward_backend
 from .plan import Plan, resolved_tiles_arg, state_dtype, tiles_arg  # noqa: F401  (tiles_arg: tests, bench)
 
 _FINAL = torch.float32
@@ -38,16 +39,27 @@ def _nf(feature_dim: int) -> int:
     return 1 + feature_dim + feature_dim * feature_dim
 
 
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, plan: Plan):
+    """triton_impl.forward, or the CUDA kernel's forward_cuda (kernels/taylor_linear_attn/cuda: the same outputs)
+    at a shape kernels/tiles.py LA_FORWARD_CUDA lists, for inputs it takes, once its library is built."""
+    from .triton_impl import forward
+
+    if la_forward_backend(q.device, v.shape[-1], q.shape[1], q.shape[0] * q.shape[2]) != "cuda":
+        return forward
+    from . import cuda
+
+    return cuda.forward_cuda if cuda.cuda_applies(q, k, v, plan) and cuda.available() else forward
+
+
 @torch.library.custom_op("based::taylor_linear_attention_fwd", mutates_args=())
 def taylor_linear_attention_fwd(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, kv0: Tensor | None,
                                 ks0: Tensor | None, eps: float, output_final_state: bool,
                                 tiles: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """q, k [B, T, H, F], v [B, T, H, Dv] -> o [B, T, H, Dv], den [B, H, T] fp32, chunk states
     [B*H, NC, NP, Dv] and [B*H, NC, NP], final (kv [B, H, NF, Dv], k_sum [B, H, NF]) fp32 or two empty."""
-    from .triton_impl import forward
-
     q, k, v = _contig(q, k, v)
     plan = Plan.for_call(q, v, tiles)
+    forward = _forward_impl(q, k, v, plan)
     o, den, (states, zst), final = forward(q, k, v, _docs(doc_ids, q), eps, kv0, ks0, output_final_state, plan)
     if final is None:
         final = (q.new_empty(0, dtype=_FINAL), q.new_empty(0, dtype=_FINAL))

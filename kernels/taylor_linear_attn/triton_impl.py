@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting, last_dim_contiguous, new_output, next_pow2
+from .._pdl import pdl_options, release
 from .ops import taylor_linear_attention_triton  # noqa: F401  (re-exported: bench/, tests)
 from .plan import Plan, state_dtype
 
@@ -371,8 +372,9 @@ def _state_rows(F: tl.constexpr, FP: tl.constexpr):
 @triton.jit
 def _step_kernel(Q, K, V, S, Z, OUT, H, DV, eps, c1, c2,
                  sqb, sqh, skb, skh, svb, svh, sob, soh,
-                 F: tl.constexpr, FP: tl.constexpr, BV: tl.constexpr):
+                 F: tl.constexpr, FP: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
     """One decode token for one (batch, head): S += phi(k) v^T, z += phi(k), o = phi(q) S / (phi(q) z + eps)."""
+    release(PDL)  # kernels/_pdl.py: everything below may depend on the kernel before
     i_bh = tl.program_id(0)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -547,16 +549,22 @@ def forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan: Plan):
         seqlen, heads, dv, plan.NC, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), eps, plan.inv_sqrt_f,
         F=plan.F, FP=plan.FP, NP=lay.NP, BC=plan.BC, BF=plan.BF, BV=plan.BV, PREC=prec["PREC"],
         SEL_PREC=prec["SEL_PREC"], num_warps=plan.num_warps, **plan.stages)
-    final = None
-    if end is not None:
-        kv, ks = lay.pub(end[0]), lay.pub(end[1])
-        if kv0 is not None:
-            # the part of an asymmetric initial state that the symmetric rows drop, where it is carried
-            carry = _whole_row_carry(docs, heads)
-            kv = kv + carry * lay.antisym(kv0.reshape(bh, plan.NF, dv))
-            ks = ks + carry[:, :, 0] * lay.antisym(ks0.reshape(bh, plan.NF))
-        final = (kv.reshape(batch, heads, plan.NF, dv), ks.reshape(batch, heads, plan.NF))
+    final = None if end is None else publish_final(end, kv0, ks0, docs, lay, plan, (batch, heads, dv))
     return o, den, (states, zst), final
+
+
+def publish_final(end, kv0, ks0, docs, lay: Layout, plan: Plan, shape):
+    """The final state (kv [B, H, NF, Dv], k_sum [B, H, NF]) in the published layout from the kernels' end state
+    (symmetric rows), plus the part of an asymmetric initial state that the symmetric rows drop, where the row
+    is one document (so the initial state reaches the final state whole)."""
+    batch, heads, dv = shape
+    bh = batch * heads
+    kv, ks = lay.pub(end[0]), lay.pub(end[1])
+    if kv0 is not None:
+        carry = _whole_row_carry(docs, heads)
+        kv = kv + carry * lay.antisym(kv0.reshape(bh, plan.NF, dv))
+        ks = ks + carry[:, :, 0] * lay.antisym(ks0.reshape(bh, plan.NF))
+    return kv.reshape(batch, heads, plan.NF, dv), ks.reshape(batch, heads, plan.NF)
 
 
 def final_state_grads(d_kv, d_ks, q: torch.Tensor, v: torch.Tensor, n_feat: int):
@@ -635,5 +643,6 @@ def taylor_linear_attention_step_triton(q, k, v, kv, k_sum, eps=1e-12):
     block_v = 32 if dv > 16 else 16
     _step_kernel[(batch * heads,)](q, k, v, kv, k_sum, o, heads, dv, eps, f**-0.25, 1.0 / math.sqrt(2.0 * f),
                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                   o.stride(0), o.stride(1), F=f, FP=fp, BV=block_v, num_warps=4)
+                                   o.stride(0), o.stride(1), F=f, FP=fp, BV=block_v, num_warps=4,
+                                   **pdl_options(q.device, "mixer"))
     return o, kv, k_sum

@@ -584,3 +584,40 @@ def test_fused_gate_step_runs_fc1_and_the_gate_as_one_kernel(monkeypatch):
     assert [b.mlp for b in model.transformer.layers.values()] == mlps
     torch.testing.assert_close(outs[True], outs[False], rtol=3e-2, atol=3e-2)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def _graph_logits(model, ids, docs, tokens, core: str) -> torch.Tensor:
+    """Logits [steps, B, V] of the benchmarked step form: torch.compile'd regions in one CUDA graph per token."""
+    with torch.inference_mode():
+        _, state = model.prefill(ids, docs)
+        with static_attention(model, state, ids.shape[1] + len(tokens), core) as static_state:
+            step = StaticStep(model, static_state, ids.shape[0], use_graphs=True, compile_mode="default")
+            return torch.stack([step(t).clone() for t in tokens])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pdl_graph_step_is_bitwise_the_step_without_pdl(family, monkeypatch):
+    """kernels/_pdl.py: the bf16 graph step with every Linear on decode_linear and the fused gate gives bitwise
+    the same logits with programmatic dependent launch (and the weights' L2 prefetch) as without it."""
+    from kernels import _pdl, tiles
+
+    if not _pdl._device_supports(torch.cuda.current_device()):
+        pytest.skip("PDL needs compute capability 9.0 and a Triton with launch_pdl")
+    model = tiny_model(family).cuda().to(torch.bfloat16).eval()
+    listed = {(m.in_features, m.out_features) for m in model.modules() if type(m) is torch.nn.Linear}
+    listed |= {(m.proj_q.in_features, m.proj_q.out_features + m.proj_k.out_features + m.proj_v.out_features)
+               for m in model.modules() if type(m) is gen.LinearAttention}
+    entry = {"block_n": 32, "block_k": 64, "num_stages": 3, "num_warps": 4, "max_rows": 16}
+    monkeypatch.setitem(tiles.DECODE_LINEAR_TILES, tiles.device_kind(torch.device("cuda")),
+                        dict.fromkeys(sorted(listed), entry))
+    ids, docs = left_pad(_prompts(), 5, "cuda")
+    tokens = torch.randint(0, 200, (6, 3), generator=torch.Generator().manual_seed(1)).cuda()
+    core = "triton" if family == "attn" else "sdpa"
+    monkeypatch.setenv("BASED_PDL_PREFETCH", "1")
+    outs = {}
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("BASED_PDL", pdl)
+        outs[pdl] = _graph_logits(model, ids, docs, tokens, core)
+    assert torch.equal(outs["1"], outs["0"])
