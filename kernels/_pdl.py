@@ -4,8 +4,8 @@ A decode step is ~300 short kernels, each a few microseconds, and each normally 
 before it has finished and its launch has gone through (docs/PERFORMANCE.md: about 4 us above the weight
 stream per product). With PDL a kernel is launched while the one before it still runs: its programs become
 resident, may read what no kernel of the step writes (the weights: optionally, L2 prefetches of the first
-tiles of the program's weight rows), then wait for the previous kernel to complete (`griddepcontrol.wait`) before they read
-anything it may have written or write anything at all.
+tiles of the program's weight rows), then wait for the previous kernel to complete (`griddepcontrol.wait`)
+before they read anything it may have written or write anything at all.
 
 The rule every kernel here keeps, and why it is safe: before the wait, no stores and no loads except
 weights; after the wait, it lets the next kernel launch (`griddepcontrol.launch_dependents`). A kernel's
@@ -64,8 +64,12 @@ DEFAULT_GROUPS = "linear,norm"
 
 def _groups() -> frozenset:
     """The kernel groups BASED_PDL turns on: "1" all, "0" none, or a comma list of GROUPS (default
-    DEFAULT_GROUPS)."""
-    value = os.environ.get("BASED_PDL", DEFAULT_GROUPS).strip()
+    DEFAULT_GROUPS). Read at each launch; parsed once per value."""
+    return _parse_groups(os.environ.get("BASED_PDL", DEFAULT_GROUPS).strip())
+
+
+@functools.cache
+def _parse_groups(value: str) -> frozenset:
     if value in ("0", "1"):
         return frozenset(GROUPS if value == "1" else ())
     chosen = frozenset(g.strip() for g in value.split(",") if g.strip())

@@ -537,9 +537,7 @@ def forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan: Plan):
     dv = v.shape[-1]
     bh = batch * heads
     lay = layout(plan.F, plan.BF, str(q.device))
-    start = None
-    if kv0 is not None:
-        start = (lay.sym(kv0.reshape(bh, plan.NF, dv)), lay.sym(ks0.reshape(bh, plan.NF)))
+    start = initial_state_sym(kv0, ks0, lay, plan, bh, dv)
     states, zst, end = _state_pass(k, v, docs, None, None, start, plan, reverse=False, want_end=output_final_state)
     o = new_output((batch, seqlen, heads, dv), v.dtype, v.device)
     den = new_output((batch, heads, seqlen), torch.float32, v.device)
@@ -551,6 +549,14 @@ def forward(q, k, v, docs, eps, kv0, ks0, output_final_state, plan: Plan):
         SEL_PREC=prec["SEL_PREC"], num_warps=plan.num_warps, **plan.stages)
     final = None if end is None else publish_final(end, kv0, ks0, docs, lay, plan, (batch, heads, dv))
     return o, den, (states, zst), final
+
+
+def initial_state_sym(kv0, ks0, lay: Layout, plan: Plan, bh: int, dv: int):
+    """The published initial state (kv0 [B, H, NF, Dv], ks0 [B, H, NF]) in the kernels' symmetric rows
+    ([B*H, NP, Dv], [B*H, NP] fp32), or None without one."""
+    if kv0 is None:
+        return None
+    return lay.sym(kv0.reshape(bh, plan.NF, dv)), lay.sym(ks0.reshape(bh, plan.NF))
 
 
 def publish_final(end, kv0, ks0, docs, lay: Layout, plan: Plan, shape):

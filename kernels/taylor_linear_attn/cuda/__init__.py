@@ -239,16 +239,14 @@ def forward_cuda(q, k, v, docs, eps, kv0, ks0, output_final_state, plan: Plan, *
     and the final state (published layout, fp32) or None. `lib`: the CPU emulation library (tests); by
     default the CUDA library, launched on torch's current stream. `skip`: timing only, SKIP bits of the stages
     to leave out (0, the default, is the real kernel; any other mask gives wrong outputs)."""
-    from ..triton_impl import layout, publish_final
+    from ..triton_impl import initial_state_sym, layout, publish_final
 
     _check(q, k, v, docs, plan, warps)
     batch, seqlen, heads, _ = q.shape
     dv = v.shape[-1]
     bh = batch * heads
     lay = layout(plan.F, plan.BF, str(q.device))
-    start = None
-    if kv0 is not None:
-        start = (lay.sym(kv0.reshape(bh, plan.NF, dv)), lay.sym(ks0.reshape(bh, plan.NF)))
+    start = initial_state_sym(kv0, ks0, lay, plan, bh, dv)
     o = new_output((batch, seqlen, heads, dv), v.dtype, v.device)
     den = new_output((batch, heads, seqlen), torch.float32, v.device)
     states = new_output((bh, plan.NC, lay.NP, dv), torch.bfloat16, v.device)
