@@ -2,6 +2,7 @@
 correctness against the Triton forward and the float64 reference, then timings against the Triton forward.
 
     python bench/la_cuda.py [--out runs/bench/la_cuda.json] [--sweep] [--fresh-build] [--no-sanitize] [--quick]
+                            [--tokens 32768,16384]
     python bench/la_cuda.py --stages [--out ...]   # build, then only the stage breakdown (under a minute)
 
 1. build: nvcc at first use (seconds, or "cached"); --fresh-build builds into a new cache folder;
@@ -175,17 +176,18 @@ def correctness(quick: bool) -> list[dict]:
     return rows
 
 
-def time_shape(dv: int, t: int, sweep: bool) -> dict:
-    """ms of the Triton and CUDA forwards at one shape (one document per row, no state in or out)."""
+def time_shape(dv: int, t: int, sweep: bool, tokens: int = TOKENS) -> dict:
+    """ms of the Triton and CUDA forwards at one shape, B = tokens // t (one document per row, no state in or
+    out)."""
     from bench.kernels import bench_ms
     from kernels.taylor_linear_attn.triton_impl import forward
 
-    b = TOKENS // t
+    b = tokens // t
     q, k = (torch.randn(b, t, HEADS, F, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(b, t, HEADS, dv, device="cuda", dtype=torch.bfloat16)
     docs = torch.zeros(b, t, dtype=torch.int32, device="cuda")
     plan = Plan.for_call(q, v, [0] * len(LA_FIELDS))
-    row = {"B": b, "T": t, "Dv": dv, "BC": plan.BC}
+    row = {"B": b, "T": t, "Dv": dv, "BH": b * HEADS, "BC": plan.BC}
     with torch.no_grad():
         row["triton_ms"] = bench_ms(lambda: forward(q, k, v, docs, 1e-12, None, None, False, plan))
         for warps in (4, 2) if sweep else (4,):
@@ -195,18 +197,19 @@ def time_shape(dv: int, t: int, sweep: bool) -> dict:
     return row
 
 
-def timing(sweep: bool, quick: bool) -> list[dict]:
-    shapes = [(dv, t) for dv in (64, 112, 128) for t in (2048, 4096, 8192)]
+def timing(sweep: bool, quick: bool, tokens: int = TOKENS) -> list[dict]:
+    """The forwards at Dv 64/112/128 x T 2048/4096/8192 (T <= tokens), B = tokens // T."""
+    shapes = [(dv, t) for dv in (64, 112, 128) for t in (2048, 4096, 8192) if t <= tokens]
     if quick:
         shapes = [(64, 2048), (128, 2048)]
     rows = []
-    print(f"\ntiming (ms, B*T = {TOKENS}, H {HEADS}, F {F}, bf16):", flush=True)
+    print(f"\ntiming (ms, B*T = {tokens}, H {HEADS}, F {F}, bf16):", flush=True)
     print(f"{'shape':22s} {'triton':>8s} {'cuda W4':>8s} {'ratio':>6s}" + (f" {'cuda W2':>8s}" if sweep else ""),
           flush=True)
     for dv, t in shapes:
-        label = f"B{TOKENS // t} T{t} Dv{dv}"
+        label = f"B{tokens // t} T{t} Dv{dv}"
         try:
-            row = time_shape(dv, t, sweep)
+            row = time_shape(dv, t, sweep, tokens)
             extra = f" {row['cuda_w2_ms']:8.3f}" if sweep else ""
             print(f"{label + ' BC' + str(row['BC']):22s} {row['triton_ms']:8.3f} {row['cuda_w4_ms']:8.3f} "
                   f"{row['ratio']:6.2f}{extra}", flush=True)
@@ -286,6 +289,17 @@ def stages() -> list[dict]:
     return results
 
 
+def parse_tokens(text: str) -> list[int]:
+    """--tokens' comma list as integers; a usage error naming the flag on anything else."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 2048 for v in values):
+        raise SystemExit(f"la_cuda.py: --tokens takes a comma list of integers >= 2048; got {text!r}")
+    return values
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "la_cuda.json")
@@ -293,10 +307,14 @@ def main() -> None:
     ap.add_argument("--fresh-build", action="store_true", help="build into a new cache folder (times the build)")
     ap.add_argument("--no-sanitize", action="store_true", help="skip compute-sanitizer")
     ap.add_argument("--quick", action="store_true", help="a few correctness cases and two timed shapes")
+    ap.add_argument("--tokens", default=str(TOKENS),
+                    help="comma list of B*T totals to time at (e.g. 32768,16384: 16384 is the published runs' "
+                         "micro batch, 8 x 2048)")
     ap.add_argument("--stages", action="store_true",
                     help="only the build and the stage breakdown (the kernel timed with stages left out)")
     ap.add_argument("--sanitizer-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    token_totals = parse_tokens(args.tokens)
     if args.sanitizer_child:
         sanitizer_child()
         return
@@ -309,7 +327,8 @@ def main() -> None:
             if not args.no_sanitize:
                 out["sanitize"] = sanitize()
             out["correct"] = correctness(args.quick)
-            out["timing"] = timing(args.sweep, args.quick)
+            out["timing"] = [row for tokens in token_totals
+                             for row in timing(args.sweep, args.quick, tokens)]
             failed = [r for r in out["correct"] if not r["pass"]]
             print(f"\ncorrectness: {len(out['correct']) - len(failed)}/{len(out['correct'])} PASS", flush=True)
     except Exception:

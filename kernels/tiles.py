@@ -95,9 +95,13 @@ DECODE_SWIGLU_TILES: dict[str, dict[tuple[int, int], dict]] = {
 # (row x head, value block) walks the chunks in order, so it wins only where those CTAs fill the GPU at a short T.
 LA_FORWARD_CUDA: dict[str, set[tuple[int, int, int]]] = {
     "H100": set(),
-    # python bench/la_cuda.py --sweep on one H200, torch 2.11.0+cu130, 2026-12-02 (forward ms, CUDA / Triton):
-    # Dv64 T2048 B16 H16 0.264 / 0.351; Dv128 T4096 B8 H16 0.550 / 0.582; slower at the other seven shapes
-    "H200": {(64, 2048, 256), (128, 4096, 128)},
+    # python bench/la_cuda.py --no-sanitize --sweep on one H200, torch 2.11.0+cu130, 2026-12-02, after the
+    # one-reciprocal-per-row normalize (forward ms, CUDA / Triton, H16): Dv64 T2048 B16 0.218 / 0.351; Dv112
+    # T2048 B16 0.462 / 0.542, T4096 B8 0.459 / 0.587; Dv128 T2048 B16 0.458 / 0.537, T4096 B8 0.453 / 0.582;
+    # even or slower at Dv64 T4096 and at T8192. At the published runs' micro batch (--tokens 16384: B8 T2048
+    # H16): Dv112 0.235 / 0.305, Dv128 0.233 / 0.302, Dv64 0.190 / 0.194 (2%: not listed)
+    "H200": {(64, 2048, 256), (112, 2048, 256), (112, 2048, 128), (112, 4096, 128), (128, 2048, 256),
+             (128, 2048, 128), (128, 4096, 128)},
     "default": set(),
 }
 

@@ -12,7 +12,8 @@
 //   update:   S^T  = carry * S^T + V^T phi(k)_w    (fp32 accumulate)
 //   z:        z    = carry * z + colsum(phi(k)_w), from the Gram matrix of the chunk's [w, k/2] columns
 //             (exact bf16 products, fp32 sums)
-//   o = O / (den_intra + reads * phi(q).z + eps), staged in shared memory, written with 16-byte stores.
+//   o = O * (1 / (den_intra + reads * phi(q).z + eps)) (one division per query and warp), staged in shared
+//     memory with stmatrix.trans, written with 16-byte stores.
 // Every BCR chunks the state is written (bf16, zero pad rows up to NP) for the Triton backward, which reads
 // states[c] = the state before token c * 64 * BCR; z the same (fp32, value block 0 only).
 // Documents: a query reads the carried state only when it is in the document of the token before the chunk;
@@ -40,8 +41,6 @@
 #define LA_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
 LA_DEV float la_bf16_to_f32(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
-
-LA_DEV uint16_t la_f32_to_bf16(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 
 // two floats -> one register of two bf16 (lo in the low half: the element with the lower index)
 LA_DEV uint32_t la_pack_bf16(float lo, float hi) {
@@ -87,7 +86,32 @@ LA_DEV void la_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 LA_DEV void la_cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// Four 8x8 bf16 matrices from registers in the mma.sync fragment layout (register i of lane l: row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1 of matrix i) to shared memory, transposed: lane 8 i + j gives the address of row j
+// of matrix i's transpose (16-byte aligned). stmatrix on sm_90; elsewhere the same stores, one element at a time.
+LA_DEV void la_stsm_x4_t(const uint32_t (&r)[4], uint16_t* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(la_smem_addr(p)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#else
+  const uint32_t mine = la_smem_addr(p);
+  const int lane = threadIdx.x & 31;
+  LA_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    LA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t row = __shfl_sync(0xffffffffu, mine, 8 * i + 2 * (lane & 3) + h);
+      const uint16_t val = static_cast<uint16_t>(h ? r[i] >> 16 : r[i] & 0xffffu);
+      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(row + 2 * (lane >> 2)), "h"(val) : "memory");
+    }
+  }
+#endif
+}
+
 LA_DEV float la_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+
+LA_DEV void la_syncwarp() { __syncwarp(); }
 
 LA_DEV int la_sync_or(int pred) { return __syncthreads_or(pred); }
 
@@ -158,7 +182,8 @@ struct Smem {
   static constexpr int DEN_I = Z + NPI * 4;             // [64] fp32: intra-chunk row sums
   static constexpr int DEN_E = DEN_I + C * 4;           // [2 parts][64] fp32: phi(q) . z partials
   static constexpr int DEN_O = DEN_E + 2 * C * 4;       // [64] fp32: the normalizer, staged
-  static constexpr int GRAM = DEN_O + C * 4;            // [17][GS] fp32
+  static constexpr int INV = DEN_O + C * 4;             // [NW][64] fp32: each warp's 1 / normalizer
+  static constexpr int GRAM = INV + NW * C * 4;         // [17][GS] fp32
   static constexpr int TAB = GRAM + 17 * GS * 4;        // [160] int: i | j << 8 of each pair row
   static constexpr int COEF = TAB + NPI * 4;            // [160] fp32
   static constexpr int BYTES = COEF + NPI * 4;
@@ -282,6 +307,7 @@ struct Cta {
   LA_DEV float* den_i() const { return reinterpret_cast<float*>(smem + Smem<NW>::DEN_I); }
   LA_DEV float* den_e() const { return reinterpret_cast<float*>(smem + Smem<NW>::DEN_E); }
   LA_DEV float* den_o() const { return reinterpret_cast<float*>(smem + Smem<NW>::DEN_O); }
+  LA_DEV float* inv_w() const { return reinterpret_cast<float*>(smem + Smem<NW>::INV) + warp * C; }
   LA_DEV float* gram() const { return reinterpret_cast<float*>(smem + Smem<NW>::GRAM); }
   LA_DEV int* tab() const { return reinterpret_cast<int*>(smem + Smem<NW>::TAB); }
   LA_DEV float* coef() const { return reinterpret_cast<float*>(smem + Smem<NW>::COEF); }
@@ -501,25 +527,44 @@ struct Cta {
     }
   }
 
-  // o = O / den into the staging tile; den (with eps, as the Triton kernel stores it) staged by warp 0
+  // o = O / den into the staging tile: each warp takes the 64 reciprocals (two per lane) into its own slot,
+  // then scales its O^T fragments and stores them transposed; den (with eps, as the Triton kernel stores it)
+  // staged by warp 0
   LA_DEV void normalize(const float (&oacc)[8][4], int buf, DocT doc_prev) const {
     const DocT* dc = doc_tile(buf);
-    uint16_t* os = o_stage();
+    float* inv = inv_w();
     LA_UNROLL
-    for (int n = 0; n < 8; ++n) {
-      LA_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int qr = 8 * n + 2 * tig + e;
-        float inter = 0.f;
-        if (dc[qr] == doc_prev) {
-          inter = den_e()[qr];
-          if (NW == 4) inter += den_e()[C + qr];
-        }
-        const float dn = den_i()[qr] + (inter + a.eps);
-        os[qr * VS + 16 * warp + gid] = la_f32_to_bf16(oacc[n][e] / dn);
-        os[qr * VS + 16 * warp + gid + 8] = la_f32_to_bf16(oacc[n][2 + e] / dn);
-        if (warp == 0 && gid == 0) den_o()[qr] = dn;
+    for (int h = 0; h < 2; ++h) {
+      const int qr = lane + 32 * h;
+      float inter = 0.f;
+      if (dc[qr] == doc_prev) {
+        inter = den_e()[qr];
+        if (NW == 4) inter += den_e()[C + qr];
       }
+      const float dn = den_i()[qr] + (inter + a.eps);
+      inv[qr] = 1.f / dn;
+      if (warp == 0) den_o()[qr] = dn;
+    }
+    la_syncwarp();
+    store_transposed<8>(oacc, o_stage(), inv);
+  }
+
+  // a warp's fragments, N tiles of 16 value rows x 8 columns (times scale[column] when given), as bf16 into
+  // dst[column][value] (the warp's 16 value columns of a VS-stride tile), four tiles per stmatrix.trans
+  template <int N>
+  LA_DEV void store_transposed(const float (&acc)[N][4], uint16_t* dst, const float* scale) const {
+    const int mat = lane >> 3, row = lane & 7;
+    LA_UNROLL
+    for (int n = 0; n < N; n += 2) {
+      uint32_t r[4];
+      LA_UNROLL
+      for (int m = 0; m < 2; ++m) {
+        const int col = 8 * (n + m) + 2 * tig;
+        const float s0 = scale ? scale[col] : 1.f, s1 = scale ? scale[col + 1] : 1.f;
+        r[2 * m] = la_pack_bf16(acc[n + m][0] * s0, acc[n + m][1] * s1);
+        r[2 * m + 1] = la_pack_bf16(acc[n + m][2] * s0, acc[n + m][3] * s1);
+      }
+      la_stsm_x4_t(r, dst + (8 * (n + (mat >> 1)) + row) * VS + 16 * warp + 8 * (mat & 1));
     }
   }
 
@@ -557,15 +602,7 @@ struct Cta {
   // has synchronized after the last read of the phi tiles; this synchronizes before reading the staging.
   LA_DEV void store_state(const float (&sacc)[20][4], int cs) const {
     uint16_t* st = phi_q();
-    LA_UNROLL
-    for (int n = 0; n < 20; ++n) {
-      LA_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int p = 8 * n + 2 * tig + e;
-        st[p * VS + 16 * warp + gid] = la_f32_to_bf16(sacc[n][e]);
-        st[p * VS + 16 * warp + gid + 8] = la_f32_to_bf16(sacc[n][2 + e]);
-      }
-    }
+    store_transposed<20>(sacc, st, nullptr);
     if (!(a.skip & SKIP_BARRIERS)) la_sync();
     uint16_t* dst = a.states + (static_cast<long long>(bh) * a.NC + cs) * a.NP * a.DV;
     for (int idx = tid; idx < a.NP * VCH; idx += NT) {

@@ -2,11 +2,12 @@
 // barrier placement can run on a machine without a GPU (tests/kernels/test_la_cuda.py):
 //   g++ -std=c++17 -O1 -shared -fPIC -DBASED_LA_EMULATE -include emulate.h -x c++ based_fwd.cu -o emu.so
 // Each CUDA thread is a ucontext coroutine; one CTA runs at a time, its threads switch only at barriers and
-// warp collectives (ldmatrix, mma.sync, shuffles), in an order set by BASED_LA_EMU_ORDER ("forward",
-// "reverse": a race between warps shows up as a difference between the two). cp.async copies land only at
-// the wait, so a read before the wait sees stale data. Fragment layouts follow the PTX ISA (mma.m16n8k16,
-// ldmatrix .x4 with and without .trans); ldmatrix and cp.async check that their shared addresses are
-// 16-byte aligned and inside the CTA's shared memory. Not a model of timing or of memory ordering.
+// warp collectives (ldmatrix, stmatrix, mma.sync, shuffles, __syncwarp), in an order set by
+// BASED_LA_EMU_ORDER ("forward", "reverse": a race between warps shows up as a difference between the two).
+// cp.async copies land only at the wait, so a read before the wait sees stale data. Fragment layouts follow
+// the PTX ISA (mma.m16n8k16, ldmatrix .x4 with and without .trans, stmatrix .x4 .trans); ldmatrix, stmatrix
+// and cp.async check that their shared addresses are 16-byte aligned and inside the CTA's shared memory. Not
+// a model of timing or of memory ordering.
 
 #pragma once
 
@@ -230,12 +231,18 @@ inline void la_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t 
   }
 }
 
-inline void la_ldsm(uint32_t (&r)[4], const uint16_t* p, bool trans) {
+// ldmatrix / stmatrix: each lane's (checked) row address, seen by the whole warp after the returned slots fill
+inline emu::WarpSlots& la_share_row_address(const void* p) {
   emu::check_smem(p, 16);
   emu::WarpSlots& w = emu::warp_slots();
-  const int lane = emu::lane_id();
-  w.ptr[lane] = p;
+  w.ptr[emu::lane_id()] = p;
   emu::warp_barrier();
+  return w;
+}
+
+inline void la_ldsm(uint32_t (&r)[4], const uint16_t* p, bool trans) {
+  const emu::WarpSlots& w = la_share_row_address(p);
+  const int lane = emu::lane_id();
   for (int i = 0; i < 4; ++i) {
     const uint16_t* const* rows = reinterpret_cast<const uint16_t* const*>(w.ptr + 8 * i);
     if (!trans) {
@@ -251,6 +258,20 @@ inline void la_ldsm(uint32_t (&r)[4], const uint16_t* p, bool trans) {
 
 inline void la_ldsm_x4(uint32_t (&r)[4], const uint16_t* p) { la_ldsm(r, p, false); }
 inline void la_ldsm_x4_t(uint32_t (&r)[4], const uint16_t* p) { la_ldsm(r, p, true); }
+
+// stmatrix .x4 .trans: lane 8 i + j names row j of matrix i's transpose; register i of lane l holds (row l / 4,
+// columns 2 (l % 4), +1) of matrix i, so its halves land in rows 2 (l % 4) and 2 (l % 4) + 1, at element l / 4
+inline void la_stsm_x4_t(const uint32_t (&r)[4], uint16_t* p) {
+  const emu::WarpSlots& w = la_share_row_address(p);
+  const int lane = emu::lane_id();
+  for (int i = 0; i < 4; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      uint16_t* row = static_cast<uint16_t*>(const_cast<void*>(w.ptr[8 * i + 2 * (lane & 3) + h]));
+      row[lane >> 2] = static_cast<uint16_t>(h ? r[i] >> 16 : r[i] & 0xffffu);
+    }
+  }
+  emu::warp_barrier();
+}
 
 inline void la_cp_async16(void* dst, const void* src, bool valid) {
   emu::check_smem(dst, 16);
@@ -288,3 +309,5 @@ inline float la_shfl_xor(float v, int mask) {
 inline int la_sync_or(int pred) { return emu::arrive(emu::g_cta->bar, static_cast<int>(emu::g_cta->th.size()), pred != 0); }
 
 inline void la_sync() { la_sync_or(0); }
+
+inline void la_syncwarp() { emu::warp_barrier(); }
